@@ -1,0 +1,145 @@
+"""The gpt-oss decoder as a Flax NNX module whose forward pass scans over (sliding, full) layer pairs."""
+
+from __future__ import annotations
+
+import functools
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from numina_jax.model import layers
+from numina_jax.model.config import GptOssConfig, yarn_inv_freq
+from numina_jax.model.params import PER_LAYER, TOP_LEVEL, ParamSpec, init_value, param_specs
+from numina_jax.sharding import with_logical_constraint
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.checkpoint_dots,
+    "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_qkv_out": jax.checkpoint_policies.save_only_these_names("qkv_proj", "out_proj", "mlp_out"),
+}
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def as_dtype(d) -> jnp.dtype:
+  if isinstance(d, str):
+    if d not in DTYPES:
+      raise ValueError(f"unknown dtype {d!r}; choose one of {', '.join(DTYPES)}")
+    return jnp.dtype(DTYPES[d])
+  return jnp.dtype(d)
+
+
+def forward(params: Mapping[str, jax.Array], input_ids_BT, cfg: GptOssConfig, *, positions_BT=None,
+            segment_ids_BT=None, dtype=jnp.float32, remat_policy: str = "none", moe_kernel: str = "auto",
+            moe_tile: int = 64, return_router_logits: bool = False, return_hidden: bool = False):
+  """Logits [B, T, V] (and router logits [L, B*T, E] if asked) from a flat `{name: array}` parameter dict.
+
+  `segment_ids` (0 = padding) keep packed documents from attending to each other; `positions` restart per
+  document. Both default to a single unpacked sequence.
+  """
+  if remat_policy not in REMAT_POLICIES:
+    raise ValueError(f"unknown remat_policy {remat_policy!r}; choose one of {', '.join(REMAT_POLICIES)}")
+  dtype = as_dtype(dtype)
+  kernel = layers.resolve_moe_kernel(moe_kernel)
+  B, T = input_ids_BT.shape
+  if positions_BT is None:
+    positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  if segment_ids_BT is None:
+    segment_ids_BT = jnp.ones((B, T), jnp.int32)
+
+  x_BTD = jnp.take(params["embed"], input_ids_BT, axis=0).astype(dtype)
+  x_BTD = with_logical_constraint(x_BTD, ("batch", "seq", "act_embed"))
+  inv_freq, attn_factor = yarn_inv_freq(cfg)
+  cos, sin = layers.rope_cos_sin(positions_BT, inv_freq, attn_factor, dtype)
+  full_mask, sliding_mask = layers.attention_masks(segment_ids_BT, cfg.sliding_window)
+
+  layer_fn = functools.partial(layers.decoder_layer, cfg=cfg, dtype=dtype, kernel=kernel, tile=moe_tile)
+
+  def pair(x, pp):
+    # pp: per-layer params with a leading axis of 2: the sliding layer, then the full layer.
+    x, logits_s = layer_fn(jax.tree.map(lambda a: a[0], pp), x, cos, sin, sliding_mask)
+    x, logits_f = layer_fn(jax.tree.map(lambda a: a[1], pp), x, cos, sin, full_mask)
+    return x, (jnp.stack([logits_s, logits_f]) if return_router_logits else None)
+
+  policy = REMAT_POLICIES[remat_policy]
+  if remat_policy != "none":
+    pair = jax.checkpoint(pair, policy=policy, prevent_cse=False)
+  stacked = {k: params[f"layers/{k}"] for k in PER_LAYER}
+  paired = jax.tree.map(lambda a: a.reshape(a.shape[0] // 2, 2, *a.shape[1:]), stacked)
+  x_BTD, router = jax.lax.scan(pair, x_BTD, paired)
+
+  h_BTD = layers.rms_norm(x_BTD, params["final_norm"], cfg.rms_norm_eps)
+  if return_hidden:
+    out = h_BTD
+  else:
+    out = jnp.einsum("btd,dv->btv", h_BTD, params["lm_head"].astype(dtype),
+                     preferred_element_type=jnp.float32).astype(dtype)
+    out = with_logical_constraint(out, ("batch", "seq", "act_vocab"))
+  if return_router_logits:
+    return out, router.reshape(cfg.num_hidden_layers, B * T, -1)
+  return out
+
+
+class GptOss(nnx.Module):
+  """gpt-oss for causal LM. Parameters are `nnx.Param`s named as in `param_specs`, each carrying its logical
+  axes as metadata (`logical_axes`); per-layer parameters live in `self.layers`, stacked on axis 0."""
+
+  def __init__(self, cfg: GptOssConfig, *, rngs: nnx.Rngs | None = None, param_dtype="float32",
+               dtype="float32", remat_policy: str = "none", moe_kernel: str = "auto", moe_tile: int = 64,
+               params: Mapping[str, jax.Array] | None = None):
+    self.cfg = cfg
+    self.dtype = as_dtype(dtype)
+    self.param_dtype = as_dtype(param_dtype)
+    self.remat_policy = remat_policy
+    self.moe_kernel = moe_kernel
+    self.moe_tile = moe_tile
+    specs = param_specs(cfg)
+    if params is None:
+      rngs = rngs if rngs is not None else nnx.Rngs(0)
+      params = {}
+      for name, spec in specs.items():
+        params[name] = init_value(spec, rngs.params(), self.param_dtype, cfg.initializer_range)
+      if cfg.pad_token_id is not None and 0 <= cfg.pad_token_id < cfg.vocab_size:
+        params["embed"] = params["embed"].at[cfg.pad_token_id].set(0)  # as torch's padding_idx init
+    check_params(params, specs)
+    self.layers = nnx.Dict({k: nnx.Param(params[f"layers/{k}"], logical_axes=specs[f"layers/{k}"].logical_axes)
+                            for k in PER_LAYER})
+    for k in TOP_LEVEL:
+      setattr(self, k, nnx.Param(params[k], logical_axes=specs[k].logical_axes))
+
+  def params_dict(self) -> dict[str, jax.Array]:
+    """The flat `{name: array}` view of the parameters (names as in `param_specs`)."""
+    out = {k: getattr(self, k)[...] for k in TOP_LEVEL}
+    out.update({f"layers/{k}": self.layers[k][...] for k in PER_LAYER})
+    return out
+
+  def __call__(self, input_ids_BT, *, positions=None, segment_ids=None, return_router_logits=False,
+               return_hidden=False):
+    return forward(self.params_dict(), input_ids_BT, self.cfg, positions_BT=positions,
+                   segment_ids_BT=segment_ids, dtype=self.dtype, remat_policy=self.remat_policy,
+                   moe_kernel=self.moe_kernel, moe_tile=self.moe_tile,
+                   return_router_logits=return_router_logits, return_hidden=return_hidden)
+
+
+def check_params(params: Mapping[str, jax.Array], specs: Mapping[str, ParamSpec]) -> None:
+  missing = sorted(set(specs) - set(params))
+  extra = sorted(set(params) - set(specs))
+  if missing or extra:
+    raise ValueError(f"parameter set does not match the model: missing {missing}, unexpected {extra}")
+  for name, spec in specs.items():
+    if tuple(params[name].shape) != spec.shape:
+      raise ValueError(f"parameter {name!r} has shape {tuple(params[name].shape)}, expected {spec.shape}")
+
+
+def abstract_model(cfg: GptOssConfig, param_dtype="bfloat16") -> GptOss:
+  """The model with `ShapeDtypeStruct` leaves: shapes and dtypes without allocating anything."""
+  return nnx.eval_shape(lambda: GptOss(cfg, rngs=nnx.Rngs(0), param_dtype=param_dtype))
+
+
+def count_parameters(model: GptOss) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
