@@ -1,0 +1,131 @@
+"""Orbax checkpoints. One format for converted weights and training runs: a `CheckpointManager` directory of
+step folders, each holding the items `params` (flat `{name: array}`), `model_config` (the HF-style config
+dict) and, for training runs, `opt_state` and `train_meta` (step, data-iterator state, run config)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from numina_jax.model.config import GptOssConfig
+
+PARAMS, MODEL_CONFIG, OPT_STATE, TRAIN_META = "params", "model_config", "opt_state", "train_meta"
+
+
+def _path(directory: str) -> epath.Path:
+  return epath.Path(directory) if "://" in str(directory) else epath.Path(os.path.abspath(directory))
+
+
+def manager(directory: str, *, max_to_keep: int | None = None, best_metric: str | None = None,
+            keep_best: int | None = None, async_save: bool = True, create: bool = True,
+            save_interval_steps: int = 1) -> ocp.CheckpointManager:
+  best_fn = None
+  if best_metric:
+    best_fn = lambda m: m[best_metric]  # noqa: E731
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, best_fn=best_fn, best_mode="min",
+      keep_checkpoints_without_metrics=True, enable_async_checkpointing=async_save, create=create,
+      save_interval_steps=save_interval_steps, step_prefix=None,
+  )
+  if keep_best and best_metric:
+    # Keep the last `max_to_keep` and, besides them, the `keep_best` best by the metric.
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep_best, best_fn=best_fn, best_mode="min", keep_checkpoints_without_metrics=True,
+        enable_async_checkpointing=async_save, create=create, save_interval_steps=save_interval_steps,
+        keep_period=None, step_prefix=None)
+  return ocp.CheckpointManager(_path(directory), options=options)
+
+
+def save_params(directory: str, params: Mapping[str, jax.Array], cfg: GptOssConfig, step: int = 0) -> str:
+  """Writes a weights-only checkpoint (what `convert import` produces and the trainer can start from)."""
+  mgr = manager(directory, async_save=False)
+  mgr.save(step, args=ocp.args.Composite(**{
+      PARAMS: ocp.args.StandardSave(dict(params)),
+      MODEL_CONFIG: ocp.args.JsonSave(cfg.to_hf_dict()),
+  }), force=True)
+  mgr.wait_until_finished()
+  mgr.close()
+  return str(directory)
+
+
+def latest_step(directory: str) -> int | None:
+  if not _path(directory).exists():
+    return None
+  mgr = ocp.CheckpointManager(_path(directory), options=ocp.CheckpointManagerOptions(create=False))
+  try:
+    return mgr.latest_step()
+  finally:
+    mgr.close()
+
+
+def load_model_config(directory: str, step: int | None = None) -> GptOssConfig:
+  step = _resolve_step(directory, step)
+  mgr = ocp.CheckpointManager(_path(directory), options=ocp.CheckpointManagerOptions(create=False))
+  try:
+    restored = mgr.restore(step, args=ocp.args.Composite(**{MODEL_CONFIG: ocp.args.JsonRestore()}))
+  finally:
+    mgr.close()
+  return GptOssConfig.from_hf_dict(dict(restored[MODEL_CONFIG]), source=f"{directory} (step {step})")
+
+
+def _resolve_step(directory: str, step: int | None) -> int:
+  path = _path(directory)
+  if not path.exists():
+    raise FileNotFoundError(f"no checkpoint directory at {directory}")
+  s = latest_step(directory) if step is None else step
+  if s is None:
+    raise FileNotFoundError(f"{directory} holds no complete checkpoint (no finished step folder)")
+  return s
+
+
+def load_params(directory: str, *, step: int | None = None, shardings: Mapping[str, Any] | None = None,
+                dtype=None) -> tuple[dict[str, jax.Array], GptOssConfig]:
+  """Restores `params` (into `shardings` when given, else onto the default device) and the model config."""
+  from numina_jax.model.params import param_specs
+
+  cfg = load_model_config(directory, step)
+  step = _resolve_step(directory, step)
+  specs = param_specs(cfg)
+  mgr = ocp.CheckpointManager(_path(directory), options=ocp.CheckpointManagerOptions(create=False))
+  try:
+    meta = _params_metadata(directory, step)
+    target = {}
+    for name, spec in specs.items():
+      if name not in meta:
+        raise ValueError(f"checkpoint {directory} step {step} lacks parameter {name!r}")
+      saved_dtype = meta[name].dtype
+      sharding = shardings[name] if shardings is not None else jax.sharding.SingleDeviceSharding(
+          jax.devices()[0])
+      target[name] = jax.ShapeDtypeStruct(spec.shape, dtype or saved_dtype, sharding=sharding)
+    extra = sorted(set(meta) - set(specs))
+    if extra:
+      raise ValueError(f"checkpoint {directory} step {step} has parameters the model lacks: {extra}")
+    restored = mgr.restore(step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(target)}))
+  except (ValueError, FileNotFoundError):
+    raise
+  except Exception as e:  # orbax raises many types for a damaged folder
+    raise ValueError(f"could not read checkpoint {directory} step {step}: {type(e).__name__}: {e}") from e
+  finally:
+    mgr.close()
+  return dict(restored[PARAMS]), cfg
+
+
+def _params_metadata(directory: str, step: int) -> dict[str, Any]:
+  step_dir = _path(directory) / str(step) / PARAMS
+  if not step_dir.exists():
+    raise FileNotFoundError(f"checkpoint {directory} step {step} has no '{PARAMS}' item")
+  with ocp.StandardCheckpointer() as ckptr:
+    meta = ckptr.metadata(step_dir)
+  tree = getattr(meta, "item_metadata", meta)
+  tree = getattr(tree, "tree", tree)
+  return dict(tree)
+
+
+def host_numpy(x) -> np.ndarray:
+  """A fully addressable host copy of a (possibly sharded) array."""
+  return np.asarray(jax.device_get(x))
