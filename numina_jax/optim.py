@@ -1,0 +1,46 @@
+"""AdamW with linear warmup then cosine (or linear / constant) decay, clipping, and a weight-decay mask."""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+# Parameters that never decay: norms, biases, attention sinks.
+NO_DECAY_SUFFIXES = ("_b", "_norm", "norm", "sinks")
+
+
+def decay_mask(params: dict) -> dict:
+  return {k: not k.split("/")[-1].endswith(NO_DECAY_SUFFIXES) for k in params}
+
+
+def learning_rate_schedule(lr: float, total_steps: int, warmup_ratio: float, schedule: str = "cosine",
+                           final_lr_ratio: float = 0.0) -> optax.Schedule:
+  warmup = int(round(warmup_ratio * total_steps))
+  decay_steps = max(total_steps - warmup, 1)
+  final = lr * final_lr_ratio
+  if schedule == "cosine":
+    decay = optax.cosine_decay_schedule(lr, decay_steps, alpha=final_lr_ratio)
+  elif schedule == "linear":
+    decay = optax.linear_schedule(lr, final, decay_steps)
+  elif schedule == "constant":
+    decay = optax.constant_schedule(lr)
+  else:
+    raise ValueError(f"unknown schedule {schedule!r}")
+  if warmup == 0:
+    return decay
+  # Step 0 trains at lr/warmup rather than 0, so no step is wasted (as transformers' schedulers do).
+  return optax.join_schedules([optax.linear_schedule(lr / warmup, lr, warmup - 1), decay], [warmup])
+
+
+def make_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  o = cfg.optim
+  sched = learning_rate_schedule(cfg.lr, total_steps, cfg.warmup_ratio, o.schedule, o.final_lr_ratio)
+  parts = []
+  if o.clip_norm:
+    parts.append(optax.clip_by_global_norm(o.clip_norm))
+  parts.append(optax.adamw(sched, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=decay_mask))
+  return optax.chain(*parts), sched
+
+
+def global_norm(tree) -> jax.Array:
+  return optax.global_norm(tree)

@@ -1,0 +1,128 @@
+"""The pure train and eval steps, jitted over the mesh with explicit shardings and donated state.
+
+State is a dict {"step", "params", "opt_state"}; a batch is a dict of [B, T] arrays (input_ids, targets,
+loss_mask, segment_ids, positions) for the whole global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from numina_jax.loss import loss_terms
+from numina_jax.model.config import GptOssConfig
+from numina_jax.sharding import logical_to_spec
+
+BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  model: GptOssConfig
+  dtype: Any = jnp.bfloat16
+  remat_policy: str = "full"
+  moe_kernel: str = "auto"
+  moe_tile: int = 64
+  loss_chunk: int = 512
+  aux_coef: float = 0.0
+  z_coef: float = 0.0
+  num_microbatches: int = 1
+
+  @classmethod
+  def from_config(cls, cfg, model_cfg: GptOssConfig) -> "StepConfig":
+    from numina_jax.model.transformer import as_dtype
+    micro = cfg.microbatch_size or cfg.global_batch_size
+    return cls(model=model_cfg, dtype=as_dtype(cfg.model.dtype), remat_policy=cfg.remat_policy,
+               moe_kernel=cfg.model.moe_kernel, moe_tile=cfg.model.moe_tile, loss_chunk=cfg.model.loss_chunk,
+               aux_coef=cfg.model.router_aux_loss_coef, z_coef=cfg.model.z_loss_coef,
+               num_microbatches=cfg.global_batch_size // micro)
+
+
+def _terms(params, batch, sc: StepConfig):
+  return loss_terms(params, batch, sc.model, dtype=sc.dtype, remat_policy=sc.remat_policy,
+                    moe_kernel=sc.moe_kernel, moe_tile=sc.moe_tile, loss_chunk=sc.loss_chunk,
+                    aux_coef=sc.aux_coef, z_coef=sc.z_coef)
+
+
+def train_step(state, batch, *, sc: StepConfig, tx: optax.GradientTransformation, schedule):
+  """One optimizer step over the global batch, accumulating gradients over `sc.num_microbatches`.
+
+  The loss is the mean over every loss token of the global batch, so it does not depend on how the batch is
+  split into microbatches or how documents were packed.
+  """
+  params = state["params"]
+  n_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+  n_micro = sc.num_microbatches
+
+  def micro_loss(p, mb):
+    total, m = _terms(p, mb, sc)
+    loss = total / n_tokens
+    if sc.aux_coef:
+      loss = loss + sc.aux_coef * m["aux"] / n_micro
+    return loss, m
+
+  grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+  if n_micro == 1:
+    (loss, m), grads = grad_fn(params, batch)
+  else:
+    # Row r goes to microbatch r % n_micro: with the batch axis sharded, every device keeps its own rows.
+    mbs = jax.tree.map(lambda x: x.reshape(x.shape[0] // n_micro, n_micro, *x.shape[1:]).swapaxes(0, 1), batch)
+
+    def body(carry, mb):
+      g_acc, l_acc, m_acc = carry
+      (l, m), g = grad_fn(params, mb)
+      g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
+      return (g_acc, l_acc + l, jax.tree.map(jnp.add, m_acc, m)), None
+
+    zeros_g = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    m0 = jax.eval_shape(lambda: _terms(params, jax.tree.map(lambda x: x[0], mbs), sc)[1])
+    m0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m0)
+    (grads, loss, m), _ = jax.lax.scan(body, (zeros_g, jnp.zeros((), jnp.float32), m0), mbs)
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+
+  grad_norm = optax.global_norm(grads)
+  updates, opt_state = tx.update(grads, state["opt_state"], params)
+  params = optax.apply_updates(params, updates)
+  metrics = {
+      "loss": loss,
+      "ce": m["ce_sum"] / n_tokens,
+      "grad_norm": grad_norm,
+      "lr": schedule(state["step"]),
+      "loss_tokens": n_tokens,
+      "param_norm": optax.global_norm(params),
+  }
+  if sc.z_coef:
+    metrics["z_loss"] = m["z_sum"] / n_tokens
+  if sc.aux_coef:
+    metrics["aux_loss"] = m["aux"] / n_micro
+  return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+
+def eval_step(params, batch, *, sc: StepConfig):
+  """(sum of token cross-entropies, number of loss tokens) on one batch."""
+  _, m = _terms(params, batch, dataclasses.replace(sc, aux_coef=0.0, z_coef=0.0))
+  return m["ce_sum"], jnp.sum(batch["loss_mask"].astype(jnp.float32))
+
+
+def batch_shardings(mesh) -> dict[str, NamedSharding]:
+  spec = logical_to_spec(("batch", "seq"), mesh=mesh)
+  return {k: NamedSharding(mesh, spec) for k in BATCH_KEYS}
+
+
+def jit_train_step(sc: StepConfig, tx, schedule, state_shardings, mesh):
+  rep = NamedSharding(mesh, P())
+  fn = functools.partial(train_step, sc=sc, tx=tx, schedule=schedule)
+  return jax.jit(fn, in_shardings=(state_shardings, batch_shardings(mesh)),
+                 out_shardings=(state_shardings, rep), donate_argnums=(0,))
+
+
+def jit_eval_step(sc: StepConfig, param_shardings, mesh):
+  rep = NamedSharding(mesh, P())
+  return jax.jit(functools.partial(eval_step, sc=sc), in_shardings=(param_shardings, batch_shardings(mesh)),
+                 out_shardings=(rep, rep))
