@@ -1,0 +1,193 @@
+"""Export our parameters as a dense Hugging Face gpt-oss checkpoint (what transformers' `save_pretrained`
+writes): sharded safetensors streamed tensor by tensor from the devices, an index, config and generation
+config, and optionally the tokenizer."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from numina_jax.hf import keymap
+from numina_jax.model.config import GptOssConfig
+from numina_jax.model.params import param_specs
+
+INDEX_FILE = "model.safetensors.index.json"
+_ST_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+_CHUNK_BYTES = 256 << 20  # host staging per write for the big tensors (experts, embeddings)
+
+# Token ids of the released gpt-oss tokenizer (o200k_harmony), used when the vocabulary is the real one.
+REAL_VOCAB_SIZE = 201088
+REAL_GENERATION_CONFIG = {"bos_token_id": 199998, "do_sample": True,
+                          "eos_token_id": [200002, 199999, 200012], "pad_token_id": 199999}
+
+# For tensors streamed in pieces: which axis of our (per-layer) source array becomes the HF tensor's axis 0.
+_P = "model.layers.{i}."
+_ROW_AXIS = {"model.embed_tokens.weight": 0, "lm_head.weight": 1, _P + "mlp.experts.gate_up_proj": 0,
+             _P + "mlp.experts.gate_up_proj_bias": 0, _P + "mlp.experts.down_proj": 0,
+             _P + "mlp.experts.down_proj_bias": 0}
+
+
+def parse_size(size: int | str) -> int:
+  """'5GB' -> 5e9 bytes (decimal units as transformers uses; 'GiB' etc. are binary)."""
+  if isinstance(size, int):
+    return size
+  m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(size).upper())
+  if not m:
+    raise ValueError(f"cannot parse size {size!r}; use e.g. 5GB, 500MB or a byte count")
+  unit = m.group(2).rstrip("B") if m.group(2) not in ("", "B") else ""
+  scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+           "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}[unit]
+  return int(float(m.group(1)) * scale)
+
+
+def _fetch(x, index: tuple, np_dtype: np.dtype) -> np.ndarray:
+  """One slice of a (possibly sharded, on-device) array, cast on the device, copied to the host."""
+  if isinstance(x, jax.Array):
+    return np.asarray(jax.device_get(x[index].astype(np_dtype)))
+  return np.asarray(x[index]).astype(np_dtype)
+
+
+def _hf_chunks(params: Mapping[str, Any], cfg: GptOssConfig, entry: keymap.Entry, layer: int | None,
+               np_dtype: np.dtype) -> Iterator[np.ndarray]:
+  """The HF tensor of `entry` for one layer in row blocks (along its axis 0), in order."""
+  prefix = "layers/" if entry.per_layer else ""
+  sources = [params[prefix + t] for t in entry.targets]
+  lead = (layer,) if entry.per_layer else ()
+  hf_shape = tuple(entry.hf_shape(cfg))
+  axis = _ROW_AXIS.get(entry.hf_name)
+  row_bytes = int(np.prod(hf_shape[1:])) * np_dtype.itemsize if hf_shape else 0
+  if axis is None or row_bytes * hf_shape[0] <= _CHUNK_BYTES:
+    parts = tuple(_fetch(s, lead, np_dtype) for s in sources)
+    yield keymap.ours_to_hf({prefix + t: p for t, p in zip(entry.targets, parts)}, cfg, layer, entry)
+    return
+  step = max(1, _CHUNK_BYTES // row_bytes)
+  for r0 in range(0, hf_shape[0], step):
+    r1 = min(r0 + step, hf_shape[0])
+    index = lead + (slice(None),) * axis + (slice(r0, r1),)
+    parts = tuple(_fetch(s, index, np_dtype) for s in sources)
+    out = entry.to_hf(parts, cfg)
+    assert tuple(out.shape) == (r1 - r0, *hf_shape[1:]), (entry.hf_name, out.shape, hf_shape)
+    yield np.ascontiguousarray(out)
+
+
+def _plan(cfg: GptOssConfig, itemsize: int, max_bytes: int) -> list[list[tuple[str, keymap.Entry, int | None]]]:
+  """Tensors in file order (embeddings, layer by layer, final norm, lm_head), packed greedily into shards."""
+  glob = {e.hf_name: e for e in keymap.ENTRIES if not e.per_layer}
+  order = [("model.embed_tokens.weight", glob["model.embed_tokens.weight"], None)]
+  for i in range(cfg.num_hidden_layers):
+    order += [(e.hf_name.format(i=i), e, i) for e in keymap.ENTRIES if e.per_layer]
+  order += [(n, glob[n], None) for n in ("model.norm.weight", "lm_head.weight")]
+  shards, size = [[]], 0
+  for item in order:
+    nbytes = int(np.prod(item[1].hf_shape(cfg))) * itemsize
+    if shards[-1] and size + nbytes > max_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(item)
+    size += nbytes
+  return shards
+
+
+def _header(items, cfg: GptOssConfig, st_dtype: str, itemsize: int) -> tuple[bytes, int]:
+  header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+  offset = 0
+  for name, entry, _ in items:
+    shape = [int(s) for s in entry.hf_shape(cfg)]
+    end = offset + int(np.prod(shape)) * itemsize
+    header[name] = {"dtype": st_dtype, "shape": shape, "data_offsets": [offset, end]}
+    offset = end
+  raw = json.dumps(header, separators=(",", ":")).encode()
+  raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
+  return len(raw).to_bytes(8, "little") + raw, offset
+
+
+def generation_config(cfg: GptOssConfig) -> dict[str, Any]:
+  if cfg.vocab_size == REAL_VOCAB_SIZE:
+    return dict(REAL_GENERATION_CONFIG)
+  out = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}
+  return {k: v for k, v in out.items() if v is not None}
+
+
+def _prepare_dir(out_dir: str, overwrite: bool) -> None:
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise NotADirectoryError(f"{out_dir} exists and is not a folder")
+  if os.path.isdir(out_dir) and os.listdir(out_dir):
+    if not overwrite:
+      raise FileExistsError(f"{out_dir} is not empty; pass overwrite=True (--overwrite) to write into it")
+    # Stale shards of an earlier export with a different shard count would confuse loaders.
+    for f in os.listdir(out_dir):
+      if re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json", f):
+        os.remove(os.path.join(out_dir, f))
+  os.makedirs(out_dir, exist_ok=True)
+
+
+def save_pretrained(model_or_params, out_dir: str, dtype=jnp.bfloat16, *, cfg: GptOssConfig | None = None,
+                    tokenizer=None, max_shard_size: int | str = "5GB", overwrite: bool = False,
+                    progress: bool = True) -> str:
+  """Writes a dense HF checkpoint of a `GptOss` (or of a flat params dict, with `cfg`) to `out_dir`.
+
+  Each HF tensor is one layer's slice copied from the devices (the experts and embeddings in row blocks), so
+  the host holds one tensor at a time. `tokenizer` is a tokenizer object or a path/Hub id to copy it from.
+  Refuses a non-empty `out_dir` unless `overwrite`.
+  """
+  if isinstance(model_or_params, Mapping):
+    params = model_or_params
+    if cfg is None:
+      raise ValueError("save_pretrained(params, ...) needs cfg= (a GptOssConfig)")
+  else:
+    params = model_or_params.params_dict()
+    cfg = model_or_params.cfg if cfg is None else cfg
+  specs = param_specs(cfg)
+  missing, extra = sorted(set(specs) - set(params)), sorted(set(params) - set(specs))
+  if missing or extra:
+    raise ValueError(f"parameters do not match the config: missing {missing}, unexpected {extra}")
+  for name, spec in specs.items():
+    if tuple(params[name].shape) != spec.shape:
+      raise ValueError(f"parameter {name!r} has shape {tuple(params[name].shape)}, expected {spec.shape}")
+  np_dtype = np.dtype(jnp.dtype(dtype))
+  if np_dtype.name not in _ST_DTYPES:
+    raise ValueError(f"cannot export in {np_dtype.name}; choose one of {', '.join(_ST_DTYPES)}")
+  st_dtype = _ST_DTYPES[np_dtype.name]
+  _prepare_dir(out_dir, overwrite)
+
+  shards = _plan(cfg, np_dtype.itemsize, parse_size(max_shard_size))
+  weight_map, total = {}, 0
+  with tqdm(total=sum(len(s) for s in shards), desc="writing tensors", unit="tensor",
+            disable=not progress) as bar:
+    for k, items in enumerate(shards):
+      file = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+      path = os.path.join(out_dir, file)
+      header, nbytes = _header(items, cfg, st_dtype, np_dtype.itemsize)
+      with open(path + ".partial", "wb") as f:
+        f.write(header)
+        for name, entry, layer in items:
+          for chunk in _hf_chunks(params, cfg, entry, layer, np_dtype):
+            f.write(chunk.tobytes())
+          weight_map[name] = file
+          bar.update(1)
+        written = f.tell() - len(header)
+      assert written == nbytes, (file, written, nbytes)
+      os.replace(path + ".partial", path)
+      total += nbytes
+
+  with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
+    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+  config = cfg.to_hf_dict()
+  config["torch_dtype"] = config["dtype"] = np_dtype.name
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(config, f, indent=2)
+  with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+    json.dump(generation_config(cfg), f, indent=2)
+  if tokenizer is not None:
+    if isinstance(tokenizer, (str, os.PathLike)):
+      from transformers import AutoTokenizer
+      tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer))
+    tokenizer.save_pretrained(out_dir)
+  return out_dir

@@ -1,0 +1,406 @@
+"""Load a Hugging Face gpt-oss checkpoint (dense or MXFP4 safetensors, a local folder or a Hub id) into a
+`GptOss`, streaming every parameter straight into its sharding: each device shard is read from the files
+on its own (layer range, expert range, head range, ...), so the host never holds the whole model."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from typing import Any, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from tqdm.auto import tqdm
+
+from numina_jax.hf import keymap, mxfp4
+from numina_jax.model.config import GptOssConfig
+from numina_jax.model.params import param_specs
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# What a Hub download fetches: the HF-format weights, config and tokenizer; not `original/` or `metal/`.
+HUB_PATTERNS = ("config.json", "generation_config.json", "model*.safetensors", INDEX_FILE,
+                "tokenizer*", "special_tokens_map.json", "chat_template*")
+
+_NP_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+              "U8": np.uint8, "I8": np.int8, "I32": np.int32, "I64": np.int64}
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+_BLOCKS, _SCALES = "_blocks", "_scales"
+
+
+class CheckpointError(ValueError):
+  """The checkpoint's files do not hold a gpt-oss model matching its config."""
+
+
+def _listing(names: Iterable[str], limit: int = 12) -> str:
+  names = sorted(names)
+  shown = ", ".join(names[:limit])
+  return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+# Locating the checkpoint ---------------------------------------------------------------------------------
+def resolve_checkpoint(path_or_id: str | os.PathLike, *, revision: str | None = None,
+                       cache_dir: str | None = None) -> str:
+  """A local checkpoint folder: `path_or_id` itself if it is a folder, else a Hub snapshot of that repo id."""
+  raw = os.fspath(path_or_id)
+  path = os.path.expanduser(raw)
+  if os.path.isdir(path):
+    return path
+  if os.path.exists(path):
+    raise NotADirectoryError(f"{path} is a file; expected a checkpoint folder holding config.json and "
+                             "safetensors files")
+  from huggingface_hub import snapshot_download
+  from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+  looks_local = raw.startswith((".", "/", "~")) or raw.count("/") > 1 or os.sep != "/" and os.sep in raw
+  try:
+    validate_repo_id(raw)
+  except HFValidationError:
+    looks_local = True
+  if looks_local:
+    raise FileNotFoundError(f"no checkpoint folder at {path} (and it is not a Hugging Face Hub repo id)")
+  try:
+    return snapshot_download(raw, revision=revision, cache_dir=cache_dir, allow_patterns=list(HUB_PATTERNS))
+  except Exception as e:  # offline, unknown repo, gated repo, ...: one clear message
+    raise FileNotFoundError(f"{raw} is not a local folder, and fetching it from the Hugging Face Hub failed: "
+                            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+
+
+# Reading tensors -------------------------------------------------------------------------------------------
+class _TensorInfo:
+  __slots__ = ("file", "shape", "dtype", "begin", "end")
+
+  def __init__(self, file, shape, dtype, begin, end):
+    self.file, self.shape, self.dtype, self.begin, self.end = file, tuple(shape), dtype, begin, end
+
+
+def _read_header(path: str) -> tuple[int, dict[str, Any]]:
+  """(data start offset, header dict) of a safetensors file; names the file when it is truncated or corrupt."""
+  size = os.path.getsize(path)
+  try:
+    with open(path, "rb") as f:
+      (n,) = struct.unpack("<Q", f.read(8))
+      if n > size - 8:
+        raise CheckpointError(f"{path}: truncated or corrupt safetensors file (header of {n} bytes, file "
+                              f"of {size})")
+      header = json.loads(f.read(n))
+  except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({e})") from None
+  if not isinstance(header, dict):
+    raise CheckpointError(f"{path}: corrupt safetensors file (header is not a JSON object)")
+  start = 8 + n
+  for name, info in header.items():
+    if name == "__metadata__":
+      continue
+    end = info.get("data_offsets", [0, math.inf])[1] if isinstance(info, dict) else math.inf
+    if start + end > size:
+      raise CheckpointError(f"{path}: truncated safetensors file (tensor {name!r} ends at byte "
+                            f"{start + end}, the file has {size})")
+  return start, header
+
+
+class SafetensorsCheckpoint:
+  """The tensors of a checkpoint folder (`model.safetensors.index.json` + shards, or one `model.safetensors`),
+  read lazily by slice; nothing is loaded until asked for."""
+
+  def __init__(self, directory: str):
+    self.directory = directory
+    index_path = os.path.join(directory, INDEX_FILE)
+    single_path = os.path.join(directory, SINGLE_FILE)
+    if os.path.exists(index_path):
+      try:
+        with open(index_path) as f:
+          weight_map = json.load(f)["weight_map"]
+      except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index_path}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+    elif os.path.exists(single_path):
+      weight_map = None
+    else:
+      raise FileNotFoundError(f"{directory} holds neither {INDEX_FILE} nor {SINGLE_FILE}")
+
+    files = sorted(set(weight_map.values())) if weight_map is not None else [SINGLE_FILE]
+    absent = [f for f in files if not os.path.exists(os.path.join(directory, f))]
+    if absent:
+      raise FileNotFoundError(f"{index_path} lists files that do not exist in {directory}: {_listing(absent)}")
+
+    self.tensors: dict[str, _TensorInfo] = {}
+    self._handles: dict[str, Any] = {}
+    self._raw: dict[str, np.memmap] = {}
+    for file in files:
+      path = os.path.join(directory, file)
+      start, header = _read_header(path)
+      try:
+        self._handles[file] = safe_open(path, framework="numpy")
+      except SafetensorError as e:
+        raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({e})") from None
+      for name, info in header.items():
+        if name == "__metadata__":
+          continue
+        if weight_map is not None and weight_map.get(name) != file:
+          continue  # stray copies in other shards: the index is authoritative
+        begin, end = info["data_offsets"]
+        self.tensors[name] = _TensorInfo(file, info["shape"], info["dtype"], start + begin, start + end)
+    if weight_map is not None:
+      lost = [n for n, f in weight_map.items() if n not in self.tensors]
+      if lost:
+        raise CheckpointError(f"{index_path} maps tensors to files that do not contain them: "
+                              + "; ".join(f"{n} -> {weight_map[n]}" for n in sorted(lost)[:12])
+                              + (f"; ... ({len(lost) - 12} more)" if len(lost) > 12 else ""))
+
+  def __contains__(self, name: str) -> bool:
+    return name in self.tensors
+
+  def slice_handle(self, name: str):
+    """A lazy, sliceable view of one tensor (reads only what is indexed)."""
+    info = self.tensors[name]
+    if info.dtype == "BF16":
+      # safetensors' numpy frontend cannot reliably produce bfloat16, so view the raw little-endian bytes.
+      raw = self._raw.get(info.file)
+      if raw is None:
+        raw = self._raw[info.file] = np.memmap(os.path.join(self.directory, info.file), np.uint8, mode="r")
+      return raw[info.begin:info.end].view(ml_dtypes.bfloat16).reshape(info.shape)
+    return self._handles[info.file].get_slice(name)
+
+  def read(self, name: str, index: tuple[slice, ...] | None = None) -> np.ndarray:
+    info = self.tensors[name]
+    if info.dtype not in _NP_DTYPES:
+      raise CheckpointError(f"tensor {name!r} has unsupported dtype {info.dtype}")
+    index = tuple(slice(None) for _ in info.shape) if index is None else index
+    return np.array(self.slice_handle(name)[index])
+
+  def read_dense(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+    """`name` in the dense HF layout; MXFP4 expert weights ([E, out, in] blocks) are dequantized and
+    transposed to the dense [E, in, out] on the fly, reading only the window `index` covers."""
+    if name in self.tensors:
+      return self.read(name, index)
+    se, s_in, s_out = index
+    w = mxfp4.dequantize_window(self.slice_handle(name + _BLOCKS), self.slice_handle(name + _SCALES),
+                                experts=se, rows=s_out, cols=s_in)
+    return w.transpose(0, 2, 1)
+
+
+# Checking names and shapes ---------------------------------------------------------------------------------
+def _mxfp4_shapes(entry: keymap.Entry, cfg: GptOssConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  E, n_in, n_out = entry.hf_shape(cfg)
+  groups = n_in // mxfp4.GROUP if n_in % mxfp4.GROUP == 0 else n_in / mxfp4.GROUP
+  return (E, n_out, groups, mxfp4.BYTES_PER_GROUP), (E, n_out, groups)
+
+
+def check_tensors(ckpt: SafetensorsCheckpoint, cfg: GptOssConfig) -> dict[str, str]:
+  """Every expected tensor present with its shape, nothing unexpected; returns {dense name: 'dense'|'mxfp4'}."""
+  quantized = {f"model.layers.{{i}}.{t}" for t in keymap.MXFP4_EXPERT_TENSORS}
+  found: dict[str, str] = {}
+  unexpected, bad_shape, bad_dtype = [], [], []
+
+  def check(name, got, want):
+    if tuple(got) != tuple(want):
+      bad_shape.append(f"{name}: got {tuple(got)}, expected {tuple(want)}")
+
+  for name, info in ckpt.tensors.items():
+    base, kind = name, "dense"
+    for suffix in (_BLOCKS, _SCALES):
+      if name.endswith(suffix):
+        base, kind = name[:-len(suffix)], suffix
+    layer, pattern = keymap.split_layer(base)
+    entry = keymap.ENTRY_BY_NAME.get(pattern)
+    if (entry is None or (kind != "dense" and pattern not in quantized)
+        or (entry.per_layer and not 0 <= layer < cfg.num_hidden_layers)):
+      unexpected.append(name)
+      continue
+    if kind == "dense":
+      found[name] = "dense"
+      check(name, info.shape, entry.hf_shape(cfg))
+      if info.dtype not in _FLOAT_DTYPES:
+        bad_dtype.append(f"{name}: {info.dtype} (expected a float type)")
+    else:
+      found.setdefault(base, "")
+      found[base] += kind
+      blocks_shape, scales_shape = _mxfp4_shapes(entry, cfg)
+      check(name, info.shape, blocks_shape if kind == _BLOCKS else scales_shape)
+      if info.dtype != "U8":
+        bad_dtype.append(f"{name}: {info.dtype} (MXFP4 {kind[1:]} must be U8)")
+
+  kinds, missing = {}, []
+  for name in keymap.expected_hf_names(cfg):
+    got = found.get(name)
+    if got == "dense":
+      kinds[name] = "dense"
+    elif got in (_BLOCKS + _SCALES, _SCALES + _BLOCKS):
+      kinds[name] = "mxfp4"
+    elif got == _BLOCKS:
+      missing.append(name + _SCALES)
+    elif got == _SCALES:
+      missing.append(name + _BLOCKS)
+    else:
+      missing.append(name)
+  where = ckpt.directory
+  if missing:
+    raise CheckpointError(f"{where}: {len(missing)} tensors missing from the checkpoint: {_listing(missing)}")
+  if unexpected:
+    raise CheckpointError(f"{where}: {len(unexpected)} unexpected tensors in the checkpoint (not part of "
+                          f"gpt-oss with this config): {_listing(unexpected)}")
+  if bad_shape:
+    raise CheckpointError(f"{where}: shape mismatch for {len(bad_shape)} tensors (name: got, expected): "
+                          + "; ".join(bad_shape[:12]) + (" ..." if len(bad_shape) > 12 else ""))
+  if bad_dtype:
+    raise CheckpointError(f"{where}: unsupported dtypes: " + "; ".join(bad_dtype[:12]))
+  return kinds
+
+
+# From HF windows to our parameters -------------------------------------------------------------------------
+def _heads(s: slice, width: int) -> slice:
+  return slice(s.start * width, s.stop * width)
+
+
+def _qkv_weight(ckpt, name, idx, cfg):
+  sd, sn, sh = idx  # ours [D, n, H] from HF [n*H, D]
+  w = ckpt.read(name, (_heads(sn, cfg.head_dim), sd))
+  return (w.reshape(sn.stop - sn.start, cfg.head_dim, -1)[:, sh].transpose(2, 0, 1),)
+
+
+def _qkv_bias(ckpt, name, idx, cfg):
+  sn, sh = idx  # ours [n, H] from HF [n*H]
+  return (ckpt.read(name, (_heads(sn, cfg.head_dim),)).reshape(-1, cfg.head_dim)[:, sh],)
+
+
+def _o_weight(ckpt, name, idx, cfg):
+  sn, sh, sd = idx  # ours [N, H, D] from HF [D, N*H]
+  w = ckpt.read(name, (sd, _heads(sn, cfg.head_dim)))
+  return (w.reshape(w.shape[0], -1, cfg.head_dim)[:, :, sh].transpose(1, 2, 0),)
+
+
+def _gate_up(ckpt, name, idx, cfg):
+  *lead, si = idx  # ours gate, up [..., I] from HF [..., 2I] interleaved (2j gate, 2j+1 up)
+  w = ckpt.read_dense(name, (*lead, _heads(si, 2)))
+  return w[..., 0::2], w[..., 1::2]
+
+
+def _same(ckpt, name, idx, cfg):
+  return (ckpt.read_dense(name, idx),)
+
+
+def _transposed(ckpt, name, idx, cfg):
+  return (ckpt.read(name, tuple(reversed(idx))).T,)
+
+
+_P = "model.layers.{i}."
+WINDOWS = {
+    "model.embed_tokens.weight": _same, "model.norm.weight": _same, "lm_head.weight": _transposed,
+    _P + "input_layernorm.weight": _same, _P + "post_attention_layernorm.weight": _same,
+    _P + "self_attn.q_proj.weight": _qkv_weight, _P + "self_attn.k_proj.weight": _qkv_weight,
+    _P + "self_attn.v_proj.weight": _qkv_weight, _P + "self_attn.q_proj.bias": _qkv_bias,
+    _P + "self_attn.k_proj.bias": _qkv_bias, _P + "self_attn.v_proj.bias": _qkv_bias,
+    _P + "self_attn.o_proj.weight": _o_weight, _P + "self_attn.o_proj.bias": _same,
+    _P + "self_attn.sinks": _same, _P + "mlp.router.weight": _transposed, _P + "mlp.router.bias": _same,
+    _P + "mlp.experts.gate_up_proj": _gate_up, _P + "mlp.experts.gate_up_proj_bias": _gate_up,
+    _P + "mlp.experts.down_proj": _same, _P + "mlp.experts.down_proj_bias": _same,
+}
+assert set(WINDOWS) == set(keymap.ENTRY_BY_NAME), "every weight-map entry needs a windowed reader"
+
+
+def read_window(ckpt: SafetensorsCheckpoint, cfg: GptOssConfig, entry: keymap.Entry, layer: int | None,
+                index: tuple[slice, ...]) -> tuple[np.ndarray, ...]:
+  """`entry`'s targets (ours, one layer) restricted to `index` (unit-step slices over the per-layer shape),
+  reading from the files only the part of the HF tensor that window needs."""
+  name = entry.hf_name.format(i=layer) if entry.per_layer else entry.hf_name
+  return WINDOWS[entry.hf_name](ckpt, name, index, cfg)
+
+
+def _concrete(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+  out = []
+  for s, n in zip(index, shape):
+    start, stop, step = s.indices(n)
+    assert step == 1, index
+    out.append((start, stop))
+  return tuple(out)
+
+
+def _place(ckpt, cfg, entry, names, specs, shardings, np_dtype) -> list[jax.Array]:
+  """Builds the parameters `names` of one weight-map entry, one device shard at a time."""
+  shape = specs[names[0]].shape
+  sharding = shardings[names[0]]
+  assert all(specs[n].shape == shape and shardings[n] == sharding for n in names), names
+  groups: dict[tuple[tuple[int, int], ...], list[jax.Device]] = {}
+  for device, index in sharding.addressable_devices_indices_map(shape).items():
+    groups.setdefault(_concrete(index, shape), []).append(device)
+  placed: list[dict[jax.Device, jax.Array]] = [{} for _ in names]
+  for spans, devices in groups.items():
+    sl = tuple(slice(a, b) for a, b in spans)
+    want = tuple(b - a for a, b in spans)
+    if entry.per_layer:
+      (l0, l1), inner = spans[0], sl[1:]
+      bufs = [np.empty(want, np_dtype) for _ in names]
+      for layer in range(l0, l1):
+        for buf, part in zip(bufs, read_window(ckpt, cfg, entry, layer, inner)):
+          assert part.shape == want[1:], (entry.hf_name, part.shape, want)
+          buf[layer - l0] = part
+    else:
+      bufs = [np.asarray(p, np_dtype) for p in read_window(ckpt, cfg, entry, None, sl)]
+      assert all(b.shape == want for b in bufs), (entry.hf_name, [b.shape for b in bufs], want)
+    for k, buf in enumerate(bufs):
+      for device in devices:
+        placed[k][device] = jax.device_put(buf, device)
+    # Wait for the copies so the host buffers of this shard can go before the next one is read.
+    jax.block_until_ready([placed[k][d] for k in range(len(names)) for d in devices])
+    del bufs
+  devices = list(sharding.addressable_devices_indices_map(shape))
+  return [jax.make_array_from_single_device_arrays(shape, sharding, [p[d] for d in devices])
+          for p in placed]
+
+
+def load_pretrained_params(path_or_hub_id, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None, *,
+                           shardings: Mapping[str, jax.sharding.Sharding] | None = None,
+                           revision: str | None = None, progress: bool = True
+                           ) -> tuple[dict[str, jax.Array], GptOssConfig]:
+  """Our flat `{name: array}` parameters (in `dtype`) and config from an HF checkpoint.
+
+  With `mesh`, each parameter lands in its `numina_jax.sharding.param_shardings` sharding (or pass
+  `shardings` explicitly); without, on the default device, one parameter at a time.
+  """
+  from numina_jax.sharding import param_shardings
+
+  directory = resolve_checkpoint(path_or_hub_id, revision=revision)
+  cfg = GptOssConfig.from_pretrained(directory)
+  specs = param_specs(cfg)
+  if shardings is None:
+    if mesh is not None:
+      shardings = param_shardings(specs, mesh)
+    else:
+      single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      shardings = {k: single for k in specs}
+  np_dtype = np.dtype(jnp.dtype(dtype))
+  ckpt = SafetensorsCheckpoint(directory)
+  check_tensors(ckpt, cfg)
+
+  params: dict[str, jax.Array] = {}
+  L = cfg.num_hidden_layers
+  with tqdm(total=len(keymap.expected_hf_names(cfg)), desc="loading tensors", unit="tensor",
+            disable=not progress) as bar:
+    for entry in keymap.ENTRIES:
+      names = [("layers/" if entry.per_layer else "") + t for t in entry.targets]
+      bar.set_postfix_str(entry.hf_name.replace("{i}", "*"), refresh=False)
+      for name, arr in zip(names, _place(ckpt, cfg, entry, names, specs, shardings, np_dtype)):
+        params[name] = arr
+      bar.update(L if entry.per_layer else 1)
+  assert set(params) == set(specs)
+  return params, cfg
+
+
+def load_pretrained(path_or_hub_id, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None, *,
+                    param_dtype=None, revision: str | None = None, progress: bool = True, **model_kwargs):
+  """A `GptOss` from a Hugging Face checkpoint folder or Hub id (dense or MXFP4 safetensors).
+
+  `dtype` is the compute dtype; parameters are stored in `param_dtype` (default: `dtype`). Extra keyword
+  arguments go to `GptOss` (remat_policy, moe_kernel, ...).
+  """
+  from numina_jax.model.transformer import GptOss
+
+  param_dtype = dtype if param_dtype is None else param_dtype
+  params, cfg = load_pretrained_params(path_or_hub_id, param_dtype, mesh, revision=revision,
+                                       progress=progress)
+  return GptOss(cfg, params=params, param_dtype=param_dtype, dtype=dtype, **model_kwargs)

@@ -1,0 +1,169 @@
+"""Loading HF gpt-oss checkpoints (dense, and the real MXFP4 layout) against transformers, with and without a
+device mesh."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+torch = pytest.importorskip("torch")
+
+from hf_fixtures import TINY_MXFP4, hf_logits, tiny_hf_model, token_ids, write_mxfp4_checkpoint  # noqa: E402
+from numina_jax.hf import keymap  # noqa: E402
+from numina_jax.hf.load import SafetensorsCheckpoint, load_pretrained, load_pretrained_params, read_window  # noqa: E402
+from numina_jax.model.config import GptOssConfig  # noqa: E402
+from numina_jax.model.params import param_specs  # noqa: E402
+from numina_jax.sharding import make_mesh, param_shardings  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+
+def _ours_from_hf_state(model, cfg):
+  """Reference: transformers' (dequantized) state dict through the keymap, layers stacked."""
+  parts = {}
+  for name, t in model.state_dict().items():
+    layer, _ = keymap.split_layer(name)
+    for k, v in keymap.hf_to_ours(name, t.detach().float().numpy(), cfg).items():
+      if k.startswith("layers/"):
+        parts.setdefault(k, {})[layer] = v
+      else:
+        parts[k] = v
+  return {k: np.stack([v[i] for i in range(cfg.num_hidden_layers)]) if isinstance(v, dict) else v
+          for k, v in parts.items()}
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory):
+  model = tiny_hf_model(seed=0)
+  path = str(tmp_path_factory.mktemp("dense"))
+  model.save_pretrained(path)
+  ids = token_ids(model.config.vocab_size)
+  return path, model, ids, hf_logits(model, ids)
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+  """The real on-disk MXFP4 layout (4 experts so an expert mesh axis of 2 shards them), and transformers'
+  dequantizing load of it in fp32 as the reference."""
+  from transformers import AutoModelForCausalLM, Mxfp4Config
+
+  source = tiny_hf_model(seed=1, **dict(TINY_MXFP4, num_local_experts=4))
+  path = str(tmp_path_factory.mktemp("mxfp4"))
+  write_mxfp4_checkpoint(source, path, n_files=2)
+  ref = AutoModelForCausalLM.from_pretrained(path, quantization_config=Mxfp4Config(dequantize=True),
+                                             dtype=torch.float32).eval()
+  ids = token_ids(ref.config.vocab_size, seed=1)
+  return path, ref, ids, hf_logits(ref, ids)
+
+
+def test_dense_logits_match_transformers(dense):
+  path, model, ids, ref = dense
+  ours = load_pretrained(path, progress=False)
+  assert ours.cfg.sliding_window < ids.shape[1]
+  assert all(a.dtype == jnp.float32 for a in ours.params_dict().values())
+  out = np.asarray(ours(jnp.asarray(ids)))
+  assert out.shape == ref.shape
+  np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
+
+
+def test_dense_params_exact_and_bf16(dense):
+  path, model, _, _ = dense
+  cfg = GptOssConfig.from_pretrained(path)
+  want = _ours_from_hf_state(model, cfg)
+  params, _ = load_pretrained_params(path, progress=False)
+  for name, w in want.items():
+    np.testing.assert_array_equal(np.asarray(params[name]), w, err_msg=name)
+  params16, _ = load_pretrained_params(path, "bfloat16", progress=False)
+  for name, w in want.items():
+    assert params16[name].dtype == jnp.bfloat16, name
+    np.testing.assert_array_equal(np.asarray(params16[name]), w.astype(jnp.bfloat16), err_msg=name)
+
+
+def test_mxfp4_dequantized_weights_and_logits_match_transformers(quantized):
+  path, ref, ids, ref_logits = quantized
+  ckpt = SafetensorsCheckpoint(path)
+  assert len({info.file for info in ckpt.tensors.values()}) == 2
+  assert ckpt.tensors["model.layers.0.mlp.experts.gate_up_proj_blocks"].dtype == "U8"
+  assert ckpt.tensors["model.layers.0.self_attn.sinks"].dtype == "BF16"
+  model = load_pretrained(path, progress=False)
+  want = _ours_from_hf_state(ref, model.cfg)
+  got = model.params_dict()
+  for name, w in want.items():
+    np.testing.assert_array_equal(np.asarray(got[name]), w, err_msg=name)  # bit-exact dequantization
+  np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), ref_logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("which", ["dense", "quantized"])
+def test_windows_match_the_keymap(which, request):
+  """Every windowed read (what one device shard asks for) equals the keymap's full conversion, sliced."""
+  path = request.getfixturevalue(which)[0]
+  cfg = GptOssConfig.from_pretrained(path)
+  ckpt = SafetensorsCheckpoint(path)
+  rng = np.random.default_rng(0)
+  specs = param_specs(cfg)
+  for entry in keymap.ENTRIES:
+    layer = 2 if entry.per_layer else None
+    name = entry.hf_name.format(i=layer) if entry.per_layer else entry.hf_name
+    dense_value = ckpt.read_dense(name, tuple(slice(None) for _ in entry.hf_shape(cfg)))
+    full = keymap.hf_to_ours(name, dense_value, cfg)
+    shape = specs[("layers/" if entry.per_layer else "") + entry.targets[0]].shape[1 if entry.per_layer else 0:]
+    for _ in range(3):
+      index = []
+      for n in shape:
+        a = int(rng.integers(0, n))
+        index.append(slice(a, int(rng.integers(a + 1, n + 1))))
+      index = tuple(index)
+      parts = read_window(ckpt, cfg, entry, layer, index)
+      for target, part in zip(entry.targets, parts):
+        key = ("layers/" if entry.per_layer else "") + target
+        np.testing.assert_array_equal(part, full[key][index], err_msg=f"{key} {index}")
+
+
+def test_mesh_load_shardings_and_logits(quantized):
+  path, _, ids, ref_logits = quantized
+  mesh = make_mesh({"fsdp": 2, "tensor": 2, "expert": 2})
+  model = load_pretrained(path, mesh=mesh, progress=False)
+  params = model.params_dict()
+  want = param_shardings(param_specs(model.cfg), mesh)
+  for name, arr in params.items():
+    assert arr.sharding.is_equivalent_to(want[name], arr.ndim), (name, arr.sharding, want[name])
+  # The rules, spelled out for the tensors that matter most (E=4, D=64, I=96, V=300, 6 heads, 2 kv heads).
+  assert params["layers/gate_w"].sharding.spec == P(None, "expert", "fsdp", "tensor")
+  assert params["layers/down_w"].sharding.spec == P(None, "expert", "tensor", "fsdp")
+  assert params["layers/q_w"].sharding.spec == P(None, "fsdp", "tensor", None)
+  assert params["embed"].sharding.spec == P("tensor", "fsdp")
+  assert len(params["layers/gate_w"].addressable_shards) == 8
+  assert params["layers/gate_w"].addressable_shards[0].data.shape == (4, 2, 32, 48)
+  single, _ = load_pretrained_params(path, progress=False)
+  for name, arr in params.items():
+    np.testing.assert_array_equal(np.asarray(arr), np.asarray(single[name]), err_msg=name)
+  np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), ref_logits, atol=1e-4, rtol=0)
+
+
+def test_hub_ids_go_through_snapshot_download(dense, monkeypatch):
+  import huggingface_hub
+
+  calls = []
+
+  def fake(repo_id, **kw):
+    calls.append((repo_id, kw))
+    return dense[0]
+
+  monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+  params, cfg = load_pretrained_params("someorg/tiny-gpt-oss", "bfloat16", revision="main", progress=False)
+  assert cfg.num_hidden_layers == 4 and params["embed"].dtype == jnp.bfloat16
+  (repo, kw), = calls
+  assert repo == "someorg/tiny-gpt-oss" and kw["revision"] == "main"
+  patterns = kw["allow_patterns"]
+  assert {"config.json", "model.safetensors.index.json", "model*.safetensors"} <= set(patterns)
+  assert any(p.startswith("tokenizer") for p in patterns)
+
+
+def test_without_mesh_params_sit_on_the_default_device(dense):
+  # Without a mesh every parameter is a committed array on the default device.
+  params, _ = load_pretrained_params(dense[0], progress=False)
+  for arr in params.values():
+    assert isinstance(arr, jax.Array) and arr.committed and arr.devices() == {jax.devices()[0]}
