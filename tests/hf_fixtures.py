@@ -84,3 +84,16 @@ def write_mxfp4_checkpoint(model, out_dir: str, n_files: int = 2) -> None:
                                  "model.embed_tokens", "lm_head"]}
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(config, f, indent=2)
+
+
+def shared_path(relpath: str):
+  """A file under the shared folder next to the checkout (NUMINA_SHARED overrides), or a pytest skip."""
+  import pathlib
+
+  import pytest
+
+  root = os.environ.get("NUMINA_SHARED") or pathlib.Path(__file__).resolve().parents[2] / "shared"
+  path = pathlib.Path(root) / relpath
+  if not path.exists():
+    pytest.skip(f"needs {path}")
+  return path

@@ -167,3 +167,20 @@ def test_without_mesh_params_sit_on_the_default_device(dense):
   params, _ = load_pretrained_params(dense[0], progress=False)
   for arr in params.values():
     assert isinstance(arr, jax.Array) and arr.committed and arr.devices() == {jax.devices()[0]}
+
+
+@pytest.mark.parametrize("size,layers,experts", [("20b", 24, 32), ("120b", 36, 128)])
+def test_released_tensor_table(size, layers, experts):
+  """The names and MXFP4 shapes the loader expects for the released configs, as in the spec's table."""
+  from hf_fixtures import shared_path
+  from numina_jax.hf.load import _mxfp4_shapes
+
+  cfg = GptOssConfig.from_pretrained(str(shared_path(f"hf/gpt-oss-{size}")))
+  names = keymap.expected_hf_names(cfg)
+  packed = [n for n in names if n.endswith(keymap.MXFP4_EXPERT_TENSORS)]
+  assert len(names) + len(packed) == 19 * layers + 3  # blocks and scales count separately: 459 / 687
+  gate_up = keymap.ENTRY_BY_NAME["model.layers.{i}.mlp.experts.gate_up_proj"]
+  down = keymap.ENTRY_BY_NAME["model.layers.{i}.mlp.experts.down_proj"]
+  assert _mxfp4_shapes(gate_up, cfg) == ((experts, 5760, 90, 16), (experts, 5760, 90))
+  assert _mxfp4_shapes(down, cfg) == ((experts, 2880, 90, 16), (experts, 2880, 90))
+  assert keymap.ENTRY_BY_NAME["model.layers.{i}.self_attn.o_proj.weight"].hf_shape(cfg) == (2880, 4096)

@@ -185,9 +185,12 @@ class SafetensorsCheckpoint:
 
 
 # Checking names and shapes ---------------------------------------------------------------------------------
-def _mxfp4_shapes(entry: keymap.Entry, cfg: GptOssConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def _mxfp4_shapes(entry: keymap.Entry, cfg: GptOssConfig):
+  """(blocks shape, scales shape) of an MXFP4 expert tensor, or None when its input width cannot be MXFP4."""
   E, n_in, n_out = entry.hf_shape(cfg)
-  groups = n_in // mxfp4.GROUP if n_in % mxfp4.GROUP == 0 else n_in / mxfp4.GROUP
+  if n_in % mxfp4.GROUP:
+    return None
+  groups = n_in // mxfp4.GROUP
   return (E, n_out, groups, mxfp4.BYTES_PER_GROUP), (E, n_out, groups)
 
 
@@ -220,8 +223,12 @@ def check_tensors(ckpt: SafetensorsCheckpoint, cfg: GptOssConfig) -> dict[str, s
     else:
       found.setdefault(base, "")
       found[base] += kind
-      blocks_shape, scales_shape = _mxfp4_shapes(entry, cfg)
-      check(name, info.shape, blocks_shape if kind == _BLOCKS else scales_shape)
+      shapes = _mxfp4_shapes(entry, cfg)
+      if shapes is None:
+        bad_shape.append(f"{name}: MXFP4 needs the input width {entry.hf_shape(cfg)[1]} to be a multiple of "
+                         f"{mxfp4.GROUP}")
+      else:
+        check(name, info.shape, shapes[0] if kind == _BLOCKS else shapes[1])
       if info.dtype != "U8":
         bad_dtype.append(f"{name}: {info.dtype} (MXFP4 {kind[1:]} must be U8)")
 
