@@ -59,8 +59,12 @@ class GptOssConfig:
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                  "num_attention_heads", "num_key_value_heads", "head_dim", "num_local_experts",
                  "num_experts_per_tok", "sliding_window"):
-      need(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
-           f"{name} must be a positive integer, got {getattr(self, name)!r}")
+      value = getattr(self, name)
+      need(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+           f"{name} must be a positive integer, got {value!r}")
+    for name in ("rms_norm_eps", "rope_factor", "rope_original_max_position_embeddings", "swiglu_limit"):
+      need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)!r}")
+    need(self.rope_theta > 1, f"rope_theta must be > 1, got {self.rope_theta!r}")
     need(self.num_attention_heads % self.num_key_value_heads == 0,
          f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
          f"num_key_value_heads ({self.num_key_value_heads})")
@@ -184,7 +188,10 @@ def yarn_inv_freq(cfg: GptOssConfig) -> tuple[np.ndarray, float]:
   low, high = max(low, 0), min(high, dim - 1)
   if low == high:
     high += 0.001
-  pos_freqs = np.float32(base) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))
+  # fp32 exponents as transformers builds them; the power itself in float64, rounded once (numpy's fp32 power
+  # is up to 1 ulp off, which the blend below turned into 2 ulps from transformers' inv_freq).
+  exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+  pos_freqs = (np.float64(base) ** exponents.astype(np.float64)).astype(np.float32)
   inv_extrapolation = np.float32(1.0) / pos_freqs
   inv_interpolation = np.float32(1.0) / (np.float32(factor) * pos_freqs)
   ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
