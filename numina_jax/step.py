@@ -86,7 +86,7 @@ def train_step(state, batch, *, sc: StepConfig, tx: optax.GradientTransformation
     (grads, loss, m), _ = jax.lax.scan(body, (zeros_g, jnp.zeros((), jnp.float32), m0), mbs)
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
 
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state["opt_state"], params)
   params = optax.apply_updates(params, updates)
   metrics = {
@@ -95,7 +95,7 @@ def train_step(state, batch, *, sc: StepConfig, tx: optax.GradientTransformation
       "grad_norm": grad_norm,
       "lr": schedule(state["step"]),
       "loss_tokens": n_tokens,
-      "param_norm": optax.global_norm(params),
+      "param_norm": optax.tree.norm(params),
   }
   if sc.z_coef:
     metrics["z_loss"] = m["z_sum"] / n_tokens
