@@ -1,0 +1,186 @@
+"""Sharding: sharded forward (and backward) equal one device on 8 fake CPU devices, the golden per-parameter
+sharding of the 120b model on a 512-device mesh, and the mesh builder's error messages."""
+
+import json
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
+
+from helpers import jit, random_params, require_shared
+from numina_jax.model import GptOssConfig, forward, param_specs, tiny_config
+from numina_jax.sharding import MESH_AXES, logical_to_spec, make_mesh, param_shardings
+
+GOLDEN = Path(__file__).parent / "golden" / "sharding_120b.json"
+GOLDEN_MESH = {"data": 1, "fsdp": 16, "expert": 8, "tensor": 4}  # 512 devices
+
+# Sizes chosen to divide by the mesh axes below: hidden 32 (fsdp 8), 4 query heads (tensor 4), 2 kv heads
+# (tensor 2; replicated under tensor 4), 8 experts (expert 2/4), width 24, vocab 160, batch 8.
+CFG = tiny_config(vocab_size=160, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=12, num_local_experts=8,
+                  num_experts_per_tok=3, sliding_window=5)
+B, T = 8, 12
+MESHES = [
+    {"data": 8},
+    {"fsdp": 8},
+    {"fsdp": 2, "tensor": 4},
+    {"expert": 2, "fsdp": 2, "tensor": 2},
+    {"data": 2, "expert": 4},
+]
+BATCH = P(("data", "fsdp", "expert"))
+
+
+def _loss(p, ids):
+  logits = forward(p, ids, CFG)
+  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+  return -jnp.mean(jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)), logits
+
+
+_fwd = jit(lambda p, ids: forward(p, ids, CFG))
+_grad = jit(jax.value_and_grad(_loss, has_aux=True))
+
+
+@pytest.fixture(scope="module")
+def single_device():
+  params = {k: jnp.asarray(v) for k, v in random_params(CFG, seed=7).items()}
+  ids = jnp.asarray(np.random.RandomState(7).randint(0, CFG.vocab_size, (B, T)))
+  one = jax.devices()[0]
+  params, ids = jax.device_put((params, ids), one)
+  return params, ids, np.asarray(_fwd(params, ids))
+
+
+def _shard(mesh, params, ids):
+  shardings = param_shardings(param_specs(CFG), mesh)
+  return (jax.device_put(params, shardings), jax.device_put(ids, NamedSharding(mesh, BATCH)), shardings)
+
+
+def test_eight_devices():
+  assert len(jax.devices()) == 8 and jax.default_backend() == "cpu"
+
+
+@pytest.mark.parametrize("shape", MESHES, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
+def test_sharded_forward_matches_one_device(single_device, shape):
+  params, ids, ref = single_device
+  mesh = make_mesh(shape)
+  sp, sids, shardings = _shard(mesh, params, ids)
+  split = [k for k, v in sp.items() if v.addressable_shards[0].data.shape != v.shape]
+  if set(shape) == {"data"}:
+    assert not split  # pure data parallel replicates every parameter
+  else:
+    assert split, "no parameter is actually split on this mesh"
+  assert sids.addressable_shards[0].data.shape[0] < B  # the batch is split on every mesh here
+  with jax.set_mesh(mesh):
+    out = _fwd(sp, sids)
+  assert out.sharding.spec[0] is not None  # logits come out batch-sharded
+  np.testing.assert_allclose(np.asarray(out), ref, atol=2e-5, rtol=0)
+
+
+def test_sharded_gradients_match_one_device(single_device):
+  params, ids, ref_logits = single_device
+  (ref_loss, _), ref_grads = _grad(params, ids)
+  mesh = make_mesh({"expert": 2, "fsdp": 2, "tensor": 2})
+  sp, sids, shardings = _shard(mesh, params, ids)
+  with jax.set_mesh(mesh):
+    (loss, logits), grads = _grad(sp, sids)
+  np.testing.assert_allclose(np.asarray(logits), ref_logits, atol=2e-5, rtol=0)
+  np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
+  for k, g in grads.items():
+    ref = np.asarray(ref_grads[k])
+    np.testing.assert_allclose(np.asarray(g), ref, atol=1e-5 * max(1.0, np.abs(ref).max()), rtol=0, err_msg=k)
+
+
+# Golden per-parameter sharding of the 120b model ---------------------------------------------------------------
+def _config_120b() -> GptOssConfig:
+  # The gpt-oss defaults with the 120b depth and expert count (spec section 1).
+  return GptOssConfig(num_hidden_layers=36, num_local_experts=128)
+
+
+def _table(cfg: GptOssConfig) -> dict:
+  mesh = AbstractMesh(tuple(GOLDEN_MESH[a] for a in MESH_AXES), MESH_AXES)
+  specs = param_specs(cfg)
+  shardings = param_shardings(specs, mesh)
+  params = {}
+  for name, spec in specs.items():
+    pspec = tuple(shardings[name].spec) + (None,) * (len(spec.shape) - len(shardings[name].spec))
+    shard = [d // int(np.prod([GOLDEN_MESH[a] for a in ((p,) if isinstance(p, str) else (p or ()))]))
+             for d, p in zip(spec.shape, pspec)]
+    params[name] = {"shape": list(spec.shape), "logical": list(spec.logical_axes),
+                    "spec": [list(p) if isinstance(p, tuple) else p for p in pspec], "shard": shard}
+  return {"mesh": GOLDEN_MESH, "params": params}
+
+
+def _dump(table: dict) -> str:
+  """JSON with one line per parameter, so a diff names the parameters whose sharding changed."""
+  rows = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in table["params"].items())
+  return f'{{"mesh": {json.dumps(table["mesh"])},\n "params": {{\n{rows}\n }}\n}}\n'
+
+
+def test_golden_120b_sharding():
+  cfg = _config_120b()
+  try:
+    assert cfg == GptOssConfig.from_pretrained(str(require_shared("hf/gpt-oss-120b/config.json")))
+  except pytest.skip.Exception:
+    pass  # the table does not need the file; the file only confirms the config
+  table = _table(cfg)
+  if os.environ.get("UPDATE_GOLDEN") == "1":
+    GOLDEN.parent.mkdir(exist_ok=True)
+    GOLDEN.write_text(_dump(table))
+  assert GOLDEN.exists(), f"{GOLDEN} is missing; create it with UPDATE_GOLDEN=1"
+  golden = json.loads(GOLDEN.read_text())
+  assert golden["mesh"] == table["mesh"]
+  assert sorted(golden["params"]) == sorted(table["params"])
+  for name, want in golden["params"].items():
+    assert table["params"][name] == want, f"{name}: sharding changed; rerun with UPDATE_GOLDEN=1 if intended"
+
+
+def test_golden_120b_facts():
+  # Facts the table must show independently of how it was produced: every expert weight is split four ways
+  # (expert x fsdp x tensor = 512 devices), and each device holds 1/512 of it.
+  table = _table(_config_120b())["params"]
+  for name in ("gate_w", "up_w", "down_w"):
+    entry = table[f"layers/{name}"]
+    assert entry["spec"][1] == "expert" and set(entry["spec"][2:]) == {"fsdp", "tensor"}
+    assert np.prod(entry["shape"]) == 512 * np.prod(entry["shard"])
+  assert table["embed"]["spec"] == ["tensor", "fsdp"] and table["embed"]["shard"] == [201088 // 4, 2880 // 16]
+  assert table["layers/q_w"]["shard"] == [36, 2880 // 16, 64 // 4, 64]
+  assert all(set(e["spec"]) == {None} for k, e in table.items() if k.endswith("norm"))
+
+
+# Rules and mesh construction ------------------------------------------------------------------------------------
+def test_logical_to_spec_rules():
+  mesh = AbstractMesh((2, 2, 2, 1), MESH_AXES)
+  # No mesh: the plain rule.
+  assert logical_to_spec(("layers", "experts", "embed", "mlp")) == P(None, "expert", "fsdp", "tensor")
+  # A size-1 mesh axis is dropped; a size that does not divide stays replicated.
+  assert logical_to_spec(("embed", "mlp"), mesh=mesh, shape=(4, 4)) == P("fsdp", None)
+  assert logical_to_spec(("embed",), mesh=mesh, shape=(3,)) == P(None)
+  # A mesh axis is used once per array; batch takes what is left of (data, fsdp, expert).
+  assert logical_to_spec(("embed", "batch"), mesh=mesh, shape=(4, 8)) == P("fsdp", ("data", "expert"))
+  assert logical_to_spec(("batch",), mesh=mesh, shape=(8,)) == P(("data", "fsdp", "expert"))
+  assert logical_to_spec(("batch",), mesh=mesh, shape=(2,)) == P("data")
+  with pytest.raises(KeyError, match="logical axis 'heads' has no sharding rule"):
+    logical_to_spec(("heads",))
+
+
+def test_make_mesh():
+  mesh = make_mesh({"fsdp": -1, "tensor": 2})
+  assert dict(mesh.shape) == {"data": 1, "fsdp": 4, "expert": 1, "tensor": 2}
+  assert dict(make_mesh([2, 1, 2, 2]).shape) == {"data": 2, "fsdp": 1, "expert": 2, "tensor": 2}
+
+
+@pytest.mark.parametrize("shape,message", [
+    ({"fsdp": 4}, "mesh {'data': 1, 'fsdp': 4, 'expert': 1, 'tensor': 1} needs 4 devices, but 8 are available"),
+    ({"fsdp": -1, "tensor": -1}, "at most one mesh axis may be -1"),
+    ({"model": 8}, "unknown mesh axes ['model']; valid axes are ('data', 'fsdp', 'expert', 'tensor')"),
+    ({"fsdp": -1, "tensor": 3}, "8 devices do not divide by the fixed mesh axes"),
+    ({"fsdp": 0}, "mesh axis sizes must be positive or -1"),
+    ([8, 1], "mesh shape needs 4 entries ('data', 'fsdp', 'expert', 'tensor'), got [8, 1]"),
+])
+def test_make_mesh_errors(shape, message):
+  with pytest.raises(ValueError) as e:
+    make_mesh(shape)
+  assert message in str(e.value)
