@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from numina_jax.data import (BATCH_KEYS, default_data_config, demo_tokenizer, format_example, harmony, make_pipeline,
-                             tokenized)
+                             tokenized, validate_data_config)
 from numina_jax.data.sources import SourceSpec, open_source
 
 SEQ = 512
@@ -117,9 +117,12 @@ def test_hosts_read_their_share_of_the_global_batch(tok, cache):
 def test_epochs_cover_every_train_doc_once(tok, cache):
   it = make_pipeline(_cfg(cache, num_epochs=2, pack_window=300), tok, seq_len=SEQ, global_batch_size=8, seed=0)
   per_epoch = it.epoch_size
+  steps = it.steps_per_epoch
   seen = []
   epochs = []
+  batches = 0
   for batch in it:
+    batches += 1
     epochs.append(it.epoch)
     for r, a, b in _segments(batch):
       seen.append(batch["input_ids"][r, a:b].tobytes())
@@ -129,6 +132,7 @@ def test_epochs_cover_every_train_doc_once(tok, cache):
   with pytest.raises(StopIteration):
     next(it)
   assert it.get_state()["finished"]
+  assert 2 * steps <= batches <= 2 * steps + 2 and it.stats["packing"]["padding_blocks"] < 8
   assert 0.8 < it.stats["packing"]["nonpad_fraction"] <= 1 and 0.3 < it.stats["packing"]["loss_fraction"] < 0.8
 
 
@@ -175,6 +179,18 @@ def test_overlong_documents_skipped_and_counted_or_fatal(tok, cache):
   assert it.epoch_size == 1000 - n_over
   with pytest.raises(ValueError, match=r"sample:cot: row \d+ renders to \d+ tokens, more than seq_len"):
     make_pipeline(_cfg(cache, overlong="error"), tok, seq_len=seq, global_batch_size=2, seed=0)
+
+
+def test_validate_data_config():
+  cfg = default_data_config()
+  validate_data_config(cfg)
+  for field, value, message in (("layout", "cot", "layout"), ("overlong", "cut", "overlong"),
+                                ("eval_size", -1.0, "eval_size"), ("on_bad_row", "drop", "on_bad_row"),
+                                ("mixture", ("sample:cot",), "NAME=WEIGHT"), ("answer_field", "", "answer_field")):
+    bad = default_data_config()
+    bad[field] = value
+    with pytest.raises(ValueError, match=message):
+      validate_data_config(bad)
 
 
 def test_mixture_weights(tok, cache):

@@ -7,7 +7,7 @@
   evals = make_pipeline(cfg, tok, seq_len=2048, global_batch_size=32, seed=0, split="eval")
 """
 
-from numina_jax.data.config import default_data_config
+from numina_jax.data.config import default_data_config, validate_data_config
 from numina_jax.data.errors import BadRowError
 from numina_jax.data.harmony import SPECIAL_TOKENS, format_example
 from numina_jax.data.packing import BATCH_KEYS
@@ -15,4 +15,5 @@ from numina_jax.data.pipeline import EvalBatches, TrainIterator, make_pipeline
 from numina_jax.data.tokenizer import DEMO_VOCAB_SIZE, demo_tokenizer, load_tokenizer, vocab_size
 
 __all__ = ["BATCH_KEYS", "BadRowError", "DEMO_VOCAB_SIZE", "EvalBatches", "SPECIAL_TOKENS", "TrainIterator",
-           "default_data_config", "demo_tokenizer", "format_example", "load_tokenizer", "make_pipeline", "vocab_size"]
+           "default_data_config", "demo_tokenizer", "format_example", "load_tokenizer", "make_pipeline",
+           "validate_data_config", "vocab_size"]

@@ -12,6 +12,7 @@ DEFAULT_KNOWLEDGE_CUTOFF = "2024-06"
 def default_data_config() -> ml_collections.ConfigDict:
   """Returns the data config with every field defined; the trainer embeds it as `config.data`."""
   c = ml_collections.ConfigDict()
+  c.tokenizer = "demo"  # "demo" (the project's small tokenizer), or a Hub id / local dir such as openai/gpt-oss-20b
   # Where rows come from.
   c.dataset_name = "sample:cot"  # hub id (AI-MO/NuminaMath-CoT), local .jsonl/.json/.parquet file or dir, "tfds:NAME", "sample:cot"/"sample:tir"
   c.dataset_config = ""  # hub dataset config name; "" = the default config
@@ -57,6 +58,35 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.tokenize_batch_size = 512  # rows rendered and tokenized per call
   c.progress_bar = True  # show a tqdm bar while tokenizing
   return c
+
+
+def validate_data_config(config) -> None:
+  """Raises ValueError naming the first bad data field; called at start-up, before anything is read."""
+  from numina_jax.data.harmony import RenderOptions
+  from numina_jax.data.sources import source_specs
+
+  def need(ok: bool, field: str, message: str):
+    if not ok:
+      raise ValueError(f"config.data.{field}: {message}")
+
+  RenderOptions.from_config(config)  # layout, reasoning_effort, python_tool, row_format
+  for field in ("question_field", "answer_field", "messages_field", "tools_field", "tool_calls_field",
+                "tool_name_field", "tool_input_field", "tool_output_field", "tokenizer"):
+    need(isinstance(get(config, field), str) and bool(get(config, field)), field, "must be a non-empty string")
+  need(get(config, "overlong") in ("skip", "error"), "overlong", f"{get(config, 'overlong')!r} is not skip or error")
+  need(get(config, "on_bad_row") in ("skip", "error"), "on_bad_row",
+       f"{get(config, 'on_bad_row')!r} is not skip or error")
+  need(get(config, "eval_size") >= 0, "eval_size", "must be >= 0 (a fraction < 1 or a row count)")
+  need(get(config, "pack_window") >= 1, "pack_window", "must be >= 1")
+  need(get(config, "num_epochs") >= 0, "num_epochs", "must be >= 0 (0 = repeat forever)")
+  need(get(config, "prefetch") >= 0, "prefetch", "must be >= 0")
+  need(get(config, "tokenize_batch_size") >= 1, "tokenize_batch_size", "must be >= 1")
+  need(bool(get(config, "mixture")) or bool(get(config, "dataset_name")), "dataset_name",
+       "set a dataset (or data.mixture)")
+  try:
+    source_specs(config)
+  except ValueError as e:
+    raise ValueError(f"config.data.mixture: {e}") from None
 
 
 def get(config, name: str):

@@ -157,6 +157,7 @@ class _Mixture:
     self.sizes, self.quotas = sizes, quotas
     self.epoch_size = int(quotas.sum())
     self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    self._lock = threading.Lock()  # the prefetch thread and the caller (steps_per_epoch) both read epochs
 
   def _pass(self, i: int, cycle: int) -> np.ndarray:
     if not self.shuffle:
@@ -165,8 +166,9 @@ class _Mixture:
 
   def epoch(self, e: int) -> tuple[np.ndarray, np.ndarray]:
     """(source, document) of each position of epoch e."""
-    if e in self._cache:
-      return self._cache[e]
+    with self._lock:
+      if e in self._cache:
+        return self._cache[e]
     srcs, docs = [], []
     for i, (size, quota) in enumerate(zip(self.sizes, self.quotas)):
       pos = np.arange(e * quota, (e + 1) * quota, dtype=np.int64)
@@ -180,9 +182,10 @@ class _Mixture:
     if self.shuffle:
       order = np.random.default_rng([self.seed, 2, e]).permutation(len(src))
       src, doc = src[order], doc[order]
-    if len(self._cache) >= 2:
-      self._cache.pop(min(self._cache))
-    self._cache[e] = (src, doc)
+    with self._lock:
+      if len(self._cache) >= 2:
+        self._cache.pop(min(self._cache))
+      self._cache[e] = (src, doc)
     return src, doc
 
   def stream(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
@@ -263,6 +266,7 @@ class TrainIterator:
     self._queue: queue.Queue | None = None
     self._stop: threading.Event | None = None
     self._tally = _Tally()
+    self._steps_per_epoch: int | None = None
 
   # -- the deterministic stream ------------------------------------------------------------------------------------
 
@@ -378,6 +382,20 @@ class TrainIterator:
   def epoch(self) -> int:
     """The epoch of the train set that the next batch starts in (0-based)."""
     return (self._pos[0] * self.window) // self._mixture.epoch_size
+
+  @property
+  def steps_per_epoch(self) -> int:
+    """Full global batches in one epoch of the train set (from packing epoch 0's documents, window by window)."""
+    if self._steps_per_epoch is None:
+      n, blocks = self._mixture.epoch_size, 0
+      src, doc = self._mixture.epoch(0)
+      lengths = np.empty(n, np.int64)
+      for i in range(len(self._split.rows)):
+        lengths[src == i] = self._split.lengths(i)[doc[src == i]]
+      for start in range(0, n, self.window):
+        blocks += len(packing.best_fit_decreasing(lengths[start:start + self.window], self.seq_len))
+      self._steps_per_epoch = blocks // self.global_batch_size
+    return self._steps_per_epoch
 
   @property
   def epoch_size(self) -> int:
