@@ -68,8 +68,8 @@ def model_config_for(cfg, tokenizer) -> GptOssConfig:
   """The architecture: from the starting checkpoint, a config.json, or the tiny preset."""
   m = cfg.model
   if m.hf_path:
-    from numina_jax.hf import resolve_checkpoint_dir
-    return GptOssConfig.from_pretrained(resolve_checkpoint_dir(m.hf_path))
+    from numina_jax.hf.load import resolve_checkpoint
+    return GptOssConfig.from_pretrained(resolve_checkpoint(m.hf_path))
   if m.init_checkpoint:
     return ckpt.load_model_config(m.init_checkpoint)
   if m.config_path:
@@ -109,9 +109,10 @@ def load_start_params(cfg, model_cfg, shardings, mesh) -> dict[str, jax.Array]:
   m = cfg.model
   dtype = as_dtype(m.param_dtype)
   if m.hf_path:
-    from numina_jax.hf import load_pretrained
+    from numina_jax.hf import load_pretrained_params
     log.info("loading Hugging Face weights from %s", m.hf_path)
-    return load_pretrained(m.hf_path, dtype=dtype, mesh=mesh).params_dict()
+    params, _ = load_pretrained_params(m.hf_path, dtype, mesh, shardings=shardings)
+    return params
   if m.init_checkpoint:
     step = None if m.init_step < 0 else m.init_step
     if step is None:
