@@ -1,6 +1,9 @@
 """The input pipeline on the shipped sample with the demo tokenizer: contract, determinism, resume, hosts, eval."""
 
+import gc
 import json
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -99,6 +102,23 @@ def test_resume_gives_exactly_the_same_batches(tok, cache):
     make_pipeline(cfg, tok, seq_len=SEQ, global_batch_size=8, seed=4).set_state(state)
   with pytest.raises(ValueError, match="plan"):
     make_pipeline(_cfg(cache, pack_window=65), tok, seq_len=SEQ, global_batch_size=8, seed=3).set_state(state)
+
+
+def test_prefetch_thread_ends_with_its_iterator(tok, cache):
+  def alive():
+    return sum(t.name == "numina-data-prefetch" and t.is_alive() for t in threading.enumerate())
+
+  before = alive()
+  it = make_pipeline(_cfg(cache, prefetch=3), tok, seq_len=SEQ, global_batch_size=2, seed=0)
+  next(it)
+  assert alive() == before + 1
+  del it  # dropped without close()
+  gc.collect()
+  for _ in range(50):
+    if alive() == before:
+      break
+    time.sleep(0.05)
+  assert alive() == before
 
 
 def test_hosts_read_their_share_of_the_global_batch(tok, cache):

@@ -1,6 +1,5 @@
 """The shipped sample data and demo tokenizer: checked answers, really executed outputs, reproducible files."""
 
-import json
 import re
 
 import pytest

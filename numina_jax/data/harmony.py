@@ -727,8 +727,7 @@ def render_text(messages: Iterable[Message], for_training: bool = True) -> str:
     if m.channel is not None:
       out.append("<|channel|>" + m.channel)
     if m.content_type is not None:
-      ct = m.content_type
-      out.append(" " + ct)
+      out.append(" " + m.content_type)
     out.append("<|message|>" + m.content)
     assistant = m.author == "assistant"
     if for_training and k == len(messages) - 1 and assistant and m.channel == "final":

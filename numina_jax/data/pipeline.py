@@ -13,6 +13,7 @@ import json
 import math
 import queue
 import threading
+import weakref
 from typing import Iterator
 
 import numpy as np
@@ -318,10 +319,16 @@ class TrainIterator:
 
   # -- iteration with a prefetch thread -------------------------------------------------------------------------------
 
-  def _worker(self, pos, q: queue.Queue, stop: threading.Event) -> None:
+  @staticmethod
+  def _worker(ref: "weakref.ref", pos, q: queue.Queue, stop: threading.Event) -> None:
+    # Holds the iterator only weakly, so an iterator dropped without close() is collected and its thread ends.
     try:
       while not stop.is_set():
-        item = self._produce(pos)
+        it = ref()
+        if it is None:
+          return
+        item = it._produce(pos)
+        del it
         while not stop.is_set():
           try:
             q.put(item, timeout=0.1)
@@ -335,9 +342,11 @@ class TrainIterator:
       q.put(e)
 
   def _stop_worker(self) -> None:
-    if self._thread is not None:
+    thread = self._thread
+    if thread is not None:
       self._stop.set()
-      self._thread.join()
+      if thread is not threading.current_thread():
+        thread.join()
     self._thread = self._queue = self._stop = None
 
   def __iter__(self) -> "TrainIterator":
@@ -351,7 +360,8 @@ class TrainIterator:
     else:
       if self._thread is None:
         self._queue, self._stop = queue.Queue(maxsize=self.prefetch), threading.Event()
-        self._thread = threading.Thread(target=self._worker, args=(self._pos, self._queue, self._stop),
+        self._thread = threading.Thread(target=self._worker, args=(weakref.ref(self), self._pos, self._queue,
+                                                                   self._stop),
                                         name="numina-data-prefetch", daemon=True)
         self._thread.start()
       item = self._queue.get()
