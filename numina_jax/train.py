@@ -21,8 +21,7 @@ from ml_collections import config_flags
 REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 DEFAULT_CONFIG = os.path.join(REPO_CONFIGS, "default.py")
 
-_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Training config file (python, get_config()).",
-                                          lock_config=True)
+_CONFIG = None  # defined in main(), after the overrides were checked: ml_collections reads them at definition
 
 
 def load_config_file(spec: str):
@@ -60,7 +59,7 @@ def precheck(argv: list[str]) -> None:
 def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  logging.getLogger("numina_jax").setLevel(logging.INFO)
+  _quiet_logs()
   from numina_jax.trainer import NonFiniteLossError, train
   cfg = _CONFIG.value
   try:
@@ -68,6 +67,19 @@ def _main(argv):
   except (NonFiniteLossError, ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
   _print_summary(result)
+
+
+def _quiet_logs() -> None:
+  """Our own INFO lines on stderr; orbax's and absl's per-write chatter only from WARNING up."""
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  log = logging.getLogger("numina_jax")
+  if not log.handlers:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    log.addHandler(handler)
+  log.setLevel(logging.INFO)
+  log.propagate = False
 
 
 def _print_summary(result: dict) -> None:
@@ -87,8 +99,13 @@ def _print_summary(result: dict) -> None:
 
 
 def main(argv=None):
+  global _CONFIG
   argv = list(sys.argv if argv is None else argv)
   precheck(argv[1:])
+  if _CONFIG is None:
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", DEFAULT_CONFIG, "Training config file (python, get_config()); `path:arg` passes arg.",
+        lock_config=True)
   app.run(_main, argv=argv)
 
 
