@@ -168,6 +168,11 @@ def test_eval_split_is_fixed_disjoint_and_finite(tok, cache):
   train_docs = {batch["input_ids"][r, a:b].tobytes() for batch in train for r, a, b in _segments(batch)}
   assert len(train_docs) == 970 and not train_docs & eval_docs
   assert batches[-1]["segment_ids"].shape == (4, SEQ)
+  halves = [list(make_pipeline(cfg, tok, seq_len=SEQ, global_batch_size=4, seed=0, split="eval", process_index=p,
+                               process_count=2)) for p in range(2)]
+  for b, whole in enumerate(batches):
+    for k in BATCH_KEYS:
+      np.testing.assert_array_equal(np.concatenate([halves[0][b][k], halves[1][b][k]]), whole[k])
   cfg.eval_size = 0.0
   assert len(make_pipeline(cfg, tok, seq_len=SEQ, global_batch_size=4, seed=0, split="eval")) == 0
 
@@ -216,6 +221,7 @@ def test_validate_data_config():
 def test_mixture_weights(tok, cache):
   cfg = _cfg(cache, mixture=("sample:cot=3", "sample:tir=1"), eval_size=0.0)
   it = make_pipeline(cfg, tok, seq_len=SEQ, global_batch_size=8, seed=0)
+  assert it.stats["sources"]["sample:tir"]["tir_rows"] == 600 and it.stats["sources"]["sample:cot"]["tir_rows"] == 0
   quotas = it.stats["epoch_quotas"]
   assert quotas == {"sample:cot": 1200, "sample:tir": 400} and it.epoch_size == 1600
   # The system message tells the two apart: TIR rows declare the python tool.

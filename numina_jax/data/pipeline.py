@@ -100,8 +100,8 @@ def _prepare(data_cfg, tokenizer, seq_len: int) -> _Prepared:
     train_rows = kept
   else:
     eval_ts = train_ts
-    eval_rows = _held_out(kept, float(data_config.get(data_cfg, "eval_size")), [ts.meta["fingerprint"] for ts in
-                                                                               train_ts],
+    fingerprints = [ts.meta["fingerprint"] for ts in train_ts]
+    eval_rows = _held_out(kept, float(data_config.get(data_cfg, "eval_size")), fingerprints,
                           int(data_config.get(data_cfg, "eval_seed")))
     train_rows = [np.setdiff1d(k, e, assume_unique=True) for k, e in zip(kept, eval_rows)]
   train = _Split(train_ts, [s.weight for s in specs], [], [])

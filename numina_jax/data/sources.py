@@ -136,8 +136,14 @@ class LocalFiles(RowSource):
     self.name = name
     self.paths = paths
     self.fingerprint = fingerprint or _file_stat_fingerprint(paths)
-    self._counts = [self._count(p) for p in paths]
-    self.num_rows = sum(self._counts)
+    self._num_rows: int | None = None
+
+  @property
+  def num_rows(self) -> int:
+    # Counted on demand: a cache hit needs only the fingerprint, not a pass over large files.
+    if self._num_rows is None:
+      self._num_rows = sum(self._count(p) for p in self.paths)
+    return self._num_rows
 
   @staticmethod
   def _json_rows(path: Path) -> list | None:
