@@ -115,7 +115,7 @@ def check_overrides(cfg: ml_collections.ConfigDict, argv: Iterable[str], flag: s
       continue
     name = m.group(1)
     if name not in keys:
-      close = difflib.get_close_matches(name, keys, n=5, cutoff=0.5)
+      close = difflib.get_close_matches(name, keys, n=3, cutoff=0.7)
       hint = f"; did you mean {', '.join('--' + flag + '.' + c for c in close)}?" if close else ""
       raise ValueError(f"unknown config field --{flag}.{name}{hint}")
 
