@@ -1,0 +1,265 @@
+"""Training-step throughput (forward + backward + AdamW) of our gpt-oss against transformers' GptOssForCausalLM.
+
+Both sides run the bench config of shared/spec/performance-notes.md on CPU, with the same weights and the same
+tokens, each in its own subprocess so that peak memory (max RSS) is measured per side:
+
+  python benchmarks/bench_model.py                       # ours (auto kernel) vs transformers
+  python benchmarks/bench_model.py --kernel dense --remat full --steps 3
+  python benchmarks/bench_model.py --breakdown           # per-block fwd+bwd times: attention vs MoE
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import subprocess
+import sys
+import time
+
+# hidden 512, 4 layers, 8 heads of 64, 2 kv heads, 16 experts top-4, expert width 512, vocab 8192.
+BENCH = dict(vocab_size=8192, hidden_size=512, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
+             num_key_value_heads=2, head_dim=64, num_local_experts=16, num_experts_per_tok=4, sliding_window=128,
+             pad_token_id=0, eos_token_id=1)
+LR, WEIGHT_DECAY = 1e-4, 0.01
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--steps", type=int, default=5, help="timed steps (after the warm-up steps)")
+  p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocator warm-up)")
+  p.add_argument("--seq", type=int, default=1024, help="sequence length")
+  p.add_argument("--batch", type=int, default=4, help="sequences per step")
+  p.add_argument("--kernel", default="auto", choices=["auto", "tiled", "ragged", "dense"], help="our MoE kernel")
+  p.add_argument("--tile", type=int, default=None,
+                 help="row tile of the tiled MoE kernel (default: the model's; 256 is fastest on the bench config)")
+  p.add_argument("--remat", default="none", help="our remat policy (numina_jax.model.REMAT_POLICIES)")
+  p.add_argument("--threads", type=int, default=2, help="CPU threads for each side")
+  p.add_argument("--only", choices=["ours", "reference"], help="run one side in this process (internal)")
+  p.add_argument("--breakdown", action="store_true", help="time one attention block and one MoE block")
+  return p.parse_args(argv)
+
+
+def pin_threads(n: int) -> None:
+  cpus = sorted(os.sched_getaffinity(0))
+  os.sched_setaffinity(0, cpus[:n])
+
+
+def make_params(cfg, seed: int = 0):
+  """Our flat fp32 params, as the model's own initializer would draw them (normal 0.02, zero biases, unit norms),
+  but with numpy so the reference side can load the very same values."""
+  import numpy as np
+  from numina_jax.model.params import param_specs
+  rng = np.random.default_rng(seed)
+  out = {}
+  for name, spec in param_specs(cfg).items():
+    if spec.init == "zeros":
+      out[name] = np.zeros(spec.shape, np.float32)
+    elif spec.init == "ones":
+      out[name] = np.ones(spec.shape, np.float32)
+    else:
+      out[name] = (cfg.initializer_range * rng.standard_normal(spec.shape, np.float32)).astype(np.float32)
+  return out
+
+
+def make_tokens(cfg, batch: int, seq: int):
+  import numpy as np
+  return np.random.default_rng(1).integers(0, cfg.vocab_size, (batch, seq)).astype(np.int32)
+
+
+def peak_rss_mib() -> float:
+  import resource
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_ours(args, cfg):
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from numina_jax.model import forward
+  params = jax.tree.map(jnp.asarray, make_params(cfg))
+  ids = jnp.asarray(make_tokens(cfg, args.batch, args.seq))
+  opt = optax.adamw(LR, weight_decay=WEIGHT_DECAY)
+  opt_state = opt.init(params)
+
+  tile = {} if args.tile is None else {"moe_tile": args.tile}
+
+  def loss_fn(p, ids):
+    logits = forward(p, ids, cfg, remat_policy=args.remat, moe_kernel=args.kernel, **tile)
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1))
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step(p, s, ids):
+    loss, g = jax.value_and_grad(loss_fn)(p, ids)
+    updates, s = opt.update(g, s, p)
+    return optax.apply_updates(p, updates), s, loss
+
+  times, losses = [], []
+  for i in range(args.warmup + args.steps):
+    t = time.perf_counter()
+    params, opt_state, loss = step(params, opt_state, ids)
+    losses.append(float(loss))  # blocks until the step is done
+    times.append(time.perf_counter() - t)
+  return times[args.warmup:], losses
+
+
+def load_reference(cfg):
+  import numpy as np
+  import torch
+  from transformers import GptOssConfig as HFConfig, GptOssForCausalLM
+  from numina_jax.hf import keymap
+  model = GptOssForCausalLM(HFConfig(**cfg.to_hf_dict()))
+  params = make_params(cfg)
+  state = {}
+  for entry in keymap.ENTRIES:
+    for layer in (range(cfg.num_hidden_layers) if entry.per_layer else [None]):
+      src = {k: (v[layer] if layer is not None else v) for k, v in params.items()
+             if k.startswith("layers/") == entry.per_layer}
+      name = entry.hf_name.format(i=layer) if entry.per_layer else entry.hf_name
+      state[name] = torch.from_numpy(np.ascontiguousarray(keymap.ours_to_hf(src, cfg, layer, entry)))
+  missing, unexpected = model.load_state_dict(state, strict=False)
+  assert not unexpected and not [m for m in missing if "rotary" not in m], (missing, unexpected)
+  return model
+
+
+def run_reference(args, cfg):
+  import torch
+  torch.set_num_threads(args.threads)
+  model = load_reference(cfg).train()
+  ids = torch.from_numpy(make_tokens(cfg, args.batch, args.seq)).long()
+  opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+  times, losses = [], []
+  for i in range(args.warmup + args.steps):
+    t = time.perf_counter()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    losses.append(float(loss))
+    times.append(time.perf_counter() - t)
+  impl = (model.config._attn_implementation, model.config._experts_implementation)
+  return times[args.warmup:], losses, impl
+
+
+def breakdown_ours(args, cfg, reps=5):
+  """fwd+bwd seconds of one decoder layer's attention block and MoE block (sliding and full masks)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from numina_jax.model import layers
+  from numina_jax.model.config import yarn_inv_freq
+  params = make_params(cfg)
+  p = {k.split("/")[1]: jnp.asarray(v[0]) for k, v in params.items() if k.startswith("layers/")}
+  B, T, D = args.batch, args.seq, cfg.hidden_size
+  x = jnp.asarray(np.random.default_rng(2).standard_normal((B, T, D), np.float32))
+  inv, factor = yarn_inv_freq(cfg)
+  cos, sin = layers.rope_cos_sin(jnp.broadcast_to(jnp.arange(T), (B, T)), inv, factor, jnp.float32)
+  full, sliding = layers.attention_masks(jnp.ones((B, T), jnp.int32), cfg.sliding_window)
+  kernel = layers.resolve_moe_kernel(args.kernel)
+
+  def attn(p, x, mask):
+    return jnp.sum(layers.attention(p, x, cos, sin, mask, jnp.float32))
+
+  def moe(p, x):
+    y, _ = layers.moe(p, x, top_k=cfg.num_experts_per_tok, limit=cfg.swiglu_limit, alpha=cfg.swiglu_alpha,
+                      kernel=kernel, tile=64 if args.tile is None else args.tile)
+    return jnp.sum(y)
+
+  out = {}
+  for name, fn, extra in [("attention_full", attn, (full,)), ("attention_sliding", attn, (sliding,)),
+                          (f"moe_{kernel}", moe, ())]:
+    g = jax.jit(jax.grad(fn, argnums=(0, 1)))
+    jax.block_until_ready(g(p, x, *extra))
+    t = time.perf_counter()
+    for _ in range(reps):
+      jax.block_until_ready(g(p, x, *extra))
+    out[name] = (time.perf_counter() - t) / reps
+  return out
+
+
+def breakdown_reference(args, cfg, reps=5):
+  import torch
+  torch.set_num_threads(args.threads)
+  model = load_reference(cfg).train()
+  layer = model.model.layers[0]
+  B, T, D = args.batch, args.seq, cfg.hidden_size
+  x = torch.randn(B, T, D, requires_grad=True)
+  pos = torch.arange(T)[None].expand(B, T)
+  cos_sin = model.model.rotary_emb(x, pos)
+  i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+  neg = torch.finfo(torch.float32).min
+
+  def mask(allowed):
+    return torch.where(allowed, 0.0, neg)[None, None].expand(B, 1, T, T)
+
+  full, sliding = mask(j <= i), mask((j <= i) & (i - j < cfg.sliding_window))
+  out = {}
+  for name, fn in [("attention_full", lambda: layer.self_attn(x, cos_sin, full)[0]),
+                   ("attention_sliding", lambda: layer.self_attn(x, cos_sin, sliding)[0]),
+                   (f"moe_{model.config._experts_implementation}", lambda: layer.mlp(x)[0])]:
+    fn().sum().backward()
+    t = time.perf_counter()
+    for _ in range(reps):
+      fn().sum().backward()
+    out[name] = (time.perf_counter() - t) / reps
+  return out
+
+
+def child(args):
+  pin_threads(args.threads)
+  from numina_jax.model import tiny_config
+  cfg = tiny_config(**BENCH)
+  if args.breakdown:
+    fn = breakdown_ours if args.only == "ours" else breakdown_reference
+    result = {"breakdown_s": fn(args, cfg)}
+  elif args.only == "ours":
+    times, losses = run_ours(args, cfg)
+    result = {"times": times, "losses": losses}
+  else:
+    times, losses, impl = run_reference(args, cfg)
+    result = {"times": times, "losses": losses, "impl": impl}
+  result["peak_rss_mib"] = peak_rss_mib()
+  print("RESULT " + json.dumps(result))
+
+
+def spawn(side: str, argv: list[str], threads: int) -> dict:
+  env = dict(os.environ)
+  env.setdefault("JAX_PLATFORMS", "cpu")
+  env["OMP_NUM_THREADS"] = str(threads)
+  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=1").strip()
+  out = subprocess.run([sys.executable, __file__, *argv, "--only", side], env=env, capture_output=True, text=True)
+  lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+  if out.returncode or not lines:
+    sys.stderr.write(out.stderr[-4000:])
+    raise SystemExit(f"{side} run failed (exit {out.returncode})")
+  return json.loads(lines[-1][len("RESULT "):])
+
+
+def main(argv=None):
+  argv = sys.argv[1:] if argv is None else argv
+  args = parse_args(argv)
+  if args.only:
+    return child(args)
+  tokens = args.batch * args.seq
+  print(f"bench config: {BENCH}; batch {args.batch} x seq {args.seq} = {tokens} tokens/step, fp32, AdamW, "
+        f"{args.threads} threads; ours: kernel={args.kernel} tile={args.tile or 'default'} remat={args.remat}")
+  results = {side: spawn(side, argv, args.threads) for side in ("ours", "reference")}
+  if args.breakdown:
+    for side, r in results.items():
+      parts = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in r["breakdown_s"].items())
+      print(f"{side:9s}: fwd+bwd per block: {parts}")
+    return
+  rates = {}
+  for side, r in results.items():
+    med = sorted(r["times"])[len(r["times"]) // 2]
+    rates[side] = tokens / med
+    extra = f" ({r['impl'][0]} attention, {r['impl'][1]} experts)" if "impl" in r else ""
+    print(f"{side:9s}: {rates[side]:8.0f} tokens/s  median step {med:6.2f} s  peak RSS {r['peak_rss_mib']:6.0f} MiB"
+          f"  loss {r['losses'][0]:.4f} -> {r['losses'][-1]:.4f}{extra}")
+  print(f"ours / reference: {rates['ours'] / rates['reference']:.2f}x")
+
+
+if __name__ == "__main__":
+  main()
