@@ -310,37 +310,40 @@ def train_stage(cfg: ml_collections.ConfigDict, *, stop_at_step: int | None = No
       last_save_t = time.time()
 
     preempted = False
-    with _Preemption() as preempt:
-      while step < total_steps:
-        local = next(train_it)
-        batch = _global_batch(local, b_shard, cfg.global_batch_size)
-        state, metrics = step_fn(state, batch)
-        step += 1
-        window["tokens"] += int(np.prod(local["input_ids"].shape)) * jax.process_count()
+    try:
+      with _Preemption() as preempt:
+        while step < total_steps:
+          local = next(train_it)
+          batch = _global_batch(local, b_shard, cfg.global_batch_size)
+          state, metrics = step_fn(state, batch)
+          step += 1
+          window["tokens"] += int(np.prod(local["input_ids"].shape)) * jax.process_count()
+          finish_pending()
+          pending = (step, metrics)
+          if pbar is not None:
+            pbar.update(1)
+          do_eval = bool(eval_batches) and cfg.eval_every_steps and step % cfg.eval_every_steps == 0
+          do_ckpt = (cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0) or (
+              cfg.checkpoint_every_secs and time.time() - last_save_t > cfg.checkpoint_every_secs)
+          stop = preempt.agreed() or (stop_at_step is not None and step >= stop_at_step)
+          if do_eval or do_ckpt or stop or step == total_steps:
+            finish_pending()  # never checkpoint a state whose loss was not checked
+          if do_eval and step != total_steps:
+            eval_loss = run_eval(step)
+          if (do_eval or do_ckpt or stop) and step != total_steps:
+            save(step, {"eval_loss": eval_loss} if do_eval else None, force=stop)
+          if stop:
+            preempted = True
+            break
         finish_pending()
-        pending = (step, metrics)
-        if pbar is not None:
-          pbar.update(1)
-        do_eval = bool(eval_batches) and cfg.eval_every_steps and step % cfg.eval_every_steps == 0
-        do_ckpt = (cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0) or (
-            cfg.checkpoint_every_secs and time.time() - last_save_t > cfg.checkpoint_every_secs)
-        stop = preempt.agreed() or (stop_at_step is not None and step >= stop_at_step)
-        if do_eval or do_ckpt or stop or step == total_steps:
-          finish_pending()  # never checkpoint a state whose loss was not checked
-        if do_eval and step != total_steps:
-          eval_loss = run_eval(step)
-        if (do_eval or do_ckpt or stop) and step != total_steps:
-          save(step, {"eval_loss": eval_loss} if do_eval else None, force=stop)
-        if stop:
-          preempted = True
-          break
-      finish_pending()
-      if not preempted:
-        if eval_batches:
-          eval_loss = run_eval(step)
-        if mgr.latest_step() != step:
-          save(step, {"eval_loss": eval_loss} if eval_batches else None, force=True)
-    mgr.wait_until_finished()
+        if not preempted:
+          if eval_batches:
+            eval_loss = run_eval(step)
+          if mgr.latest_step() != step:
+            save(step, {"eval_loss": eval_loss} if eval_batches else None, force=True)
+    finally:
+      # Checkpoints already handed to the async writer hold good states: let them land even if we fail.
+      mgr.wait_until_finished()
     if pbar is not None:
       pbar.close()
 
