@@ -28,7 +28,7 @@ class StepConfig:
   dtype: Any = jnp.bfloat16
   remat_policy: str = "full"
   moe_kernel: str = "auto"
-  moe_tile: int = 64
+  moe_tile: int = 0
   loss_chunk: int = 512
   aux_coef: float = 0.0
   z_coef: float = 0.0

@@ -36,7 +36,7 @@ def as_dtype(d) -> jnp.dtype:
 
 def forward(params: Mapping[str, jax.Array], input_ids_BT, cfg: GptOssConfig, *, positions_BT=None,
             segment_ids_BT=None, dtype=jnp.float32, remat_policy: str = "none", moe_kernel: str = "auto",
-            moe_tile: int = 64, return_router_logits: bool = False, return_hidden: bool = False):
+            moe_tile: int = 0, return_router_logits: bool = False, return_hidden: bool = False):
   """Logits [B, T, V] (and router logits [L, B*T, E] if asked) from a flat `{name: array}` parameter dict.
 
   `segment_ids` (0 = padding) keep packed documents from attending to each other; `positions` restart per
@@ -90,7 +90,7 @@ class GptOss(nnx.Module):
   axes as metadata (`logical_axes`); per-layer parameters live in `self.layers`, stacked on axis 0."""
 
   def __init__(self, cfg: GptOssConfig, *, rngs: nnx.Rngs | None = None, param_dtype="float32",
-               dtype="float32", remat_policy: str = "none", moe_kernel: str = "auto", moe_tile: int = 64,
+               dtype="float32", remat_policy: str = "none", moe_kernel: str = "auto", moe_tile: int = 0,
                params: Mapping[str, jax.Array] | None = None):
     self.cfg = cfg
     self.dtype = as_dtype(dtype)
