@@ -9,14 +9,14 @@ def get_config():
   c.lr = 3e-3  # a tiny randomly initialised model learns fast
   c.warmup_ratio = 0.05  # short warmup
   c.num_epochs = 1  # unused: max_steps is set
-  c.max_steps = 120  # stage 1 (CoT) steps
+  c.max_steps = 100  # stage 1 (CoT) steps
   c.global_batch_size = 8  # sequences per step
   c.seq_len = 512  # packed block length
   c.workdir = "runs/demo"  # stage 1 in runs/demo/stage1_cot, stage 2 in runs/demo/stage2_tir
   c.log_every_steps = 5  # log often: the run is short
-  c.checkpoint_every_steps = 40  # checkpoint a few times
+  c.checkpoint_every_steps = 50  # checkpoint a few times
   c.checkpoint_every_secs = 0  # step schedule only
-  c.eval_every_steps = 40  # eval loss on the held-out split
+  c.eval_every_steps = 25  # eval loss on the held-out split (also at the end)
   c.remat_policy = "none"  # tiny activations: no recomputation needed
   c.export_hf = True  # write a Hugging Face checkpoint at the end
 
@@ -43,7 +43,7 @@ def get_config():
   c.stage2.enabled = True  # then stage 2 (TIR) from stage 1's best checkpoint
   c.stage2.dataset_name = "sample:tir"
   c.stage2.seq_len = 512
-  c.stage2.max_steps = 60
+  c.stage2.max_steps = 50
   c.stage2.warmup_ratio = 0.1
   c.stage2.lr = 2e-3
   return c

@@ -21,29 +21,36 @@ def _path(directory: str) -> epath.Path:
   return epath.Path(directory) if "://" in str(directory) else epath.Path(os.path.abspath(directory))
 
 
-def manager(directory: str, *, max_to_keep: int | None = None, best_metric: str | None = None,
-            keep_best: int | None = None, async_save: bool = True, create: bool = True,
-            save_interval_steps: int = 1) -> ocp.CheckpointManager:
-  best_fn = None
-  if best_metric:
-    best_fn = lambda m: m[best_metric]  # noqa: E731
+def training_manager(directory: str, *, max_to_keep: int, keep_best: int = 0,
+                     async_save: bool = True) -> ocp.CheckpointManager:
+  """The manager of a training run: keeps the last `max_to_keep` steps and the `keep_best` best by eval loss."""
+  from orbax.checkpoint import checkpoint_managers as cm
+
+  policies = [cm.LatestN(n=max_to_keep)]
+  if keep_best:
+    # BestN keeps the tail of the sorted list: reverse=True puts the lowest losses there.
+    policies.append(cm.BestN(get_metric_fn=lambda m: m["eval_loss"], n=keep_best, reverse=True,
+                             keep_checkpoints_without_metrics=False))
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, best_fn=best_fn, best_mode="min",
-      keep_checkpoints_without_metrics=True, enable_async_checkpointing=async_save, create=create,
-      save_interval_steps=save_interval_steps, step_prefix=None,
-  )
-  if keep_best and best_metric:
-    # Keep the last `max_to_keep` and, besides them, the `keep_best` best by the metric.
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep_best, best_fn=best_fn, best_mode="min", keep_checkpoints_without_metrics=True,
-        enable_async_checkpointing=async_save, create=create, save_interval_steps=save_interval_steps,
-        keep_period=None, step_prefix=None)
+      preservation_policy=cm.AnyPreservationPolicy(policies), enable_async_checkpointing=async_save,
+      best_fn=lambda m: m["eval_loss"], best_mode="min", create=True, step_prefix=None)
   return ocp.CheckpointManager(_path(directory), options=options)
+
+
+def best_step(directory: str) -> int | None:
+  """The step with the lowest recorded eval loss; None when no step has one (callers then take the latest)."""
+  mgr = ocp.CheckpointManager(_path(directory), options=ocp.CheckpointManagerOptions(
+      create=False, best_fn=lambda m: m["eval_loss"], best_mode="min"))
+  try:
+    return mgr.best_step()
+  finally:
+    mgr.close()
 
 
 def save_params(directory: str, params: Mapping[str, jax.Array], cfg: GptOssConfig, step: int = 0) -> str:
   """Writes a weights-only checkpoint (what `convert import` produces and the trainer can start from)."""
-  mgr = manager(directory, async_save=False)
+  mgr = ocp.CheckpointManager(_path(directory), options=ocp.CheckpointManagerOptions(
+      enable_async_checkpointing=False, create=True, step_prefix=None))
   mgr.save(step, args=ocp.args.Composite(**{
       PARAMS: ocp.args.StandardSave(dict(params)),
       MODEL_CONFIG: ocp.args.JsonSave(cfg.to_hf_dict()),

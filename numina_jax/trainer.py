@@ -116,21 +116,11 @@ def load_start_params(cfg, model_cfg, shardings, mesh) -> dict[str, jax.Array]:
   if m.init_checkpoint:
     step = None if m.init_step < 0 else m.init_step
     if step is None:
-      step = best_step(m.init_checkpoint)
+      step = ckpt.best_step(m.init_checkpoint)
     log.info("starting from checkpoint %s (step %s)", m.init_checkpoint, step)
     params, _ = ckpt.load_params(m.init_checkpoint, step=step, shardings=shardings, dtype=dtype)
     return params
   return init_params(model_cfg, shardings, cfg.seed, dtype)
-
-
-def best_step(directory: str) -> int | None:
-  """The step with the lowest recorded eval loss, else the latest."""
-  mgr = ocp.CheckpointManager(ckpt._path(directory), options=ocp.CheckpointManagerOptions(
-      create=False, best_fn=lambda m: m["eval_loss"], best_mode="min"))
-  try:
-    return mgr.best_step()
-  finally:
-    mgr.close()
 
 
 def opt_state_shardings(tx, params_abstract, p_shardings, mesh):
@@ -372,15 +362,8 @@ def train_stage(cfg: ml_collections.ConfigDict, *, stop_at_step: int | None = No
 
 
 def _manager(cfg) -> ocp.CheckpointManager:
-  from orbax.checkpoint import checkpoint_managers as cm
-  policies = [cm.LatestN(n=cfg.checkpoint.max_to_keep)]
-  if cfg.checkpoint.keep_best:
-    policies.append(cm.BestN(get_metric_fn=lambda m: m["eval_loss"], n=cfg.checkpoint.keep_best,
-                             keep_checkpoints_without_metrics=False))
-  options = ocp.CheckpointManagerOptions(
-      preservation_policy=cm.AnyPreservationPolicy(policies), enable_async_checkpointing=cfg.checkpoint.async_save,
-      best_fn=lambda m: m["eval_loss"], best_mode="min", create=True, step_prefix=None)
-  return ocp.CheckpointManager(ckpt._path(os.path.join(cfg.workdir, "checkpoints")), options=options)
+  return ckpt.training_manager(os.path.join(cfg.workdir, "checkpoints"), max_to_keep=cfg.checkpoint.max_to_keep,
+                               keep_best=cfg.checkpoint.keep_best, async_save=cfg.checkpoint.async_save)
 
 
 def _restore(mgr, step, state_shard, tx, params_abstract):
