@@ -126,8 +126,14 @@ def _params_metadata(directory: str, step: int) -> dict[str, Any]:
   step_dir = _path(directory) / str(step) / PARAMS
   if not step_dir.exists():
     raise FileNotFoundError(f"checkpoint {directory} step {step} has no '{PARAMS}' item")
-  with ocp.StandardCheckpointer() as ckptr:
-    meta = ckptr.metadata(step_dir)
+  from absl import logging as absl_logging
+  level = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.ERROR)  # it looks for step-level metadata inside the item: harmless
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      meta = ckptr.metadata(step_dir)
+  finally:
+    absl_logging.set_verbosity(level)
   tree = getattr(meta, "item_metadata", meta)
   tree = getattr(tree, "tree", tree)
   return dict(tree)
