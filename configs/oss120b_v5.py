@@ -3,9 +3,9 @@
   python -m numina_jax.train --config configs/oss120b_v5.py        # stage 1: CoT (NuminaMath-CoT, 3 epochs)
   python -m numina_jax.train --config configs/oss120b_v5.py:tir    # stage 2: TIR, from stage 1's best checkpoint
 
-Sized for v5p-128 (64 chips, 95 GB HBM each): fp32 master weights and AdamW moments of 116.8B parameters take
-~1.4 TB, sharded over fsdp x expert x tensor = 64 chips (~22 GB each), leaving room for bf16 activations with
-full rematerialization at one 2048-token sequence per chip.
+Sized for v5p-128 (64 chips, 95 GiB HBM each): fp32 master weights and AdamW moments of 116.8B parameters take
+~1.4 TB, sharded over fsdp x expert x tensor = 64 chips. `python -m numina_jax.plan --config configs/oss120b_v5.py
+--topology v5p:4x4x4` compiles this step for that slice: 23.1 GiB of state and a 62.9 GiB peak per chip.
 """
 
 from numina_jax.config import base_config
