@@ -52,7 +52,10 @@ def forward(params: Mapping[str, jax.Array], input_ids_BT, cfg: GptOssConfig, *,
   if segment_ids_BT is None:
     segment_ids_BT = jnp.ones((B, T), jnp.int32)
 
-  x_BTD = jnp.take(params["embed"], input_ids_BT, axis=0).astype(dtype)
+  # Gather the table's hidden axis first (FSDP gathers weights anyway): with `fsdp` on both the table's hidden
+  # axis and the batch, the partitioner could otherwise only replicate the lookup.
+  embed_VD = with_logical_constraint(params["embed"], ("vocab", None))
+  x_BTD = jnp.take(embed_VD, input_ids_BT, axis=0).astype(dtype)
   x_BTD = with_logical_constraint(x_BTD, ("batch", "seq", "act_embed"))
   inv_freq, attn_factor = yarn_inv_freq(cfg)
   cos, sin = layers.rope_cos_sin(positions_BT, inv_freq, attn_factor, dtype)
