@@ -8,7 +8,6 @@ import os
 from typing import Any, Mapping
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -138,7 +137,3 @@ def _params_metadata(directory: str, step: int) -> dict[str, Any]:
   tree = getattr(tree, "tree", tree)
   return dict(tree)
 
-
-def host_numpy(x) -> np.ndarray:
-  """A fully addressable host copy of a (possibly sharded) array."""
-  return np.asarray(jax.device_get(x))

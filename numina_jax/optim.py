@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import jax
 import optax
 
 # Parameters that never decay: norms, biases, attention sinks.
@@ -41,6 +40,3 @@ def make_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation,
   parts.append(optax.adamw(sched, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=decay_mask))
   return optax.chain(*parts), sched
 
-
-def global_norm(tree) -> jax.Array:
-  return optax.tree.norm(tree)

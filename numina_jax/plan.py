@@ -183,7 +183,6 @@ def main(argv=None) -> int:
   if bad:
     p.error(f"unrecognized arguments: {' '.join(bad)}")
 
-  from ml_collections import config_flags  # noqa: F401  (the same override syntax as train)
   from numina_jax.config import check_overrides, validate
   from numina_jax.train import DEFAULT_CONFIG, load_config_file
   try:

@@ -11,6 +11,7 @@ from typing import Mapping, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
@@ -62,7 +63,7 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int], devices: Sequence[jax.De
     raise ValueError(f"mesh {dict(zip(MESH_AXES, dims))} needs {int(np.prod(dims))} devices, "
                      f"but {len(devices)} are available")
   try:
-    device_array = jax.experimental.mesh_utils.create_device_mesh(dims, devices)
+    device_array = mesh_utils.create_device_mesh(dims, devices)
   except Exception:  # CPU and odd shapes: plain order is fine there
     device_array = np.asarray(devices).reshape(dims)
   return Mesh(device_array, MESH_AXES)

@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 
-from absl import app, flags
+from absl import app
 from ml_collections import config_flags
 
 REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")

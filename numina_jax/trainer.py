@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import os
@@ -56,11 +55,14 @@ class _Preemption:
     if self._old is not None:
       signal.signal(signal.SIGTERM, self._old)
 
-  def agreed(self) -> bool:
+  def agreed(self, step: int) -> bool:
+    """Whether to checkpoint and stop after `step`; on several hosts, all of them agree on the same step."""
     if jax.process_count() == 1:
       return self.requested
+    # The distributed runtime propagates a preemption notice to every host in the background and names one
+    # step for all to stop at, without a blocking collective on every step.
     from jax.experimental import multihost_utils
-    return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
+    return multihost_utils.reached_preemption_sync_point(step)
 
 
 # Model ---------------------------------------------------------------------------------------------
@@ -315,7 +317,7 @@ def train_stage(cfg: ml_collections.ConfigDict, *, stop_at_step: int | None = No
           do_eval = bool(eval_batches) and cfg.eval_every_steps and step % cfg.eval_every_steps == 0
           do_ckpt = (cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0) or (
               cfg.checkpoint_every_secs and time.time() - last_save_t > cfg.checkpoint_every_secs)
-          stop = preempt.agreed() or (stop_at_step is not None and step >= stop_at_step)
+          stop = preempt.agreed(step) or (stop_at_step is not None and step >= stop_at_step)
           if do_eval or do_ckpt or stop or step == total_steps:
             finish_pending()  # never checkpoint a state whose loss was not checked
           if do_eval and step != total_steps:
