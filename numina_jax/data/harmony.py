@@ -17,6 +17,7 @@ import numpy as np
 
 from numina_jax.data import config as data_config
 from numina_jax.data.errors import BadRowError, RowContext
+from numina_jax.eval.grading import last_boxed  # one definition of "the answer", shared with grading
 
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>", "<|return|>", "<|constrain|>", "<|channel|>", "<|start|>",
                   "<|end|>", "<|message|>", "<|call|>")
@@ -343,23 +344,6 @@ def split_solution(solution: str, ctx: RowContext | None = None, field: str = "s
   if tail:
     segments.append(("prose", tail))
   return segments
-
-
-def last_boxed(text: str) -> str | None:
-  """The last brace-matched `\\boxed{...}` of text, as written, or None."""
-  start = text.rfind("\\boxed{")
-  while start != -1:
-    depth = 0
-    for i in range(start + len("\\boxed"), len(text)):
-      c = text[i]
-      if c == "{":
-        depth += 1
-      elif c == "}":
-        depth -= 1
-        if depth == 0:
-          return text[start:i + 1]
-    start = text.rfind("\\boxed{", 0, start)
-  return None
 
 
 def _text_field(row: dict, field: str, ctx: RowContext) -> str:

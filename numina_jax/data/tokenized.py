@@ -24,7 +24,7 @@ from numina_jax.data import harmony
 from numina_jax.data.errors import BadRowError, RowContext
 from numina_jax.data.sources import BadLine, RowFilter, RowSource, SourceSpec
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the final answer is found by eval.grading.last_boxed (`\boxed {`, `\fbox{`, escaped braces)
 OK, BAD, FILTERED = 0, 1, 2
 MAX_LOGGED_ERRORS = 20
 _TOKENIZER_FINGERPRINTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
