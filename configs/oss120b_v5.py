@@ -8,9 +8,13 @@ Sized for v5p-128 (64 chips, 95 GiB HBM each): fp32 master weights and AdamW mom
 --topology v5p:4x4x4` compiles this step for that slice: 23.1 GiB of state and a 62.9 GiB peak per chip.
 """
 
+import os
+
 from numina_jax.config import base_config
 
-STAGE1_WORKDIR = "gs://YOUR_BUCKET/numina_jax/oss120b/stage1_cot"
+# launch/tpu_vm.sh sets NUMINA_BUCKET on every worker from BUCKET in launch/slice.env.
+BUCKET = os.environ.get("NUMINA_BUCKET", "YOUR_BUCKET")
+STAGE1_WORKDIR = f"gs://{BUCKET}/numina_jax/oss120b/stage1_cot"
 
 
 def get_config(stage: str = "cot"):
@@ -55,7 +59,7 @@ def get_config(stage: str = "cot"):
     c.data.dataset_name = "AI-MO/NuminaMath-TIR"
     c.model.hf_path = ""
     c.model.init_checkpoint = STAGE1_WORKDIR + "/checkpoints"  # best stage-1 checkpoint by eval loss
-    c.workdir = "gs://YOUR_BUCKET/numina_jax/oss120b/stage2_tir"
+    c.workdir = f"gs://{BUCKET}/numina_jax/oss120b/stage2_tir"
   else:
     raise ValueError(f"configs/oss120b_v5.py: unknown stage {stage!r}; use :cot or :tir")
   return c

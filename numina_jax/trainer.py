@@ -42,6 +42,11 @@ class _Preemption:
     self._old = None
 
   def __enter__(self):
+    if jax.process_count() > 1:
+      # jax.distributed's preemption notifier catches SIGTERM itself; a Python handler would replace its handler
+      # and no host would ever reach the preemption sync point.
+      return self
+
     def handler(signum, frame):
       self.requested = True
       log.warning("SIGTERM received: saving a checkpoint after this step, then exiting")
