@@ -308,9 +308,11 @@ class SCTIR:
       raise ValueError(f"problem ids repeat: {sorted(i for i, c in collections.Counter(ids).items() if c > 1)}")
     active: list[_Problem] = []
     bar = None
+    total, done = len(pending), 0
     if self.progress:
       from tqdm.auto import tqdm
-      bar = tqdm(total=len(pending) * cfg.samples, unit="trace", desc="SC-TIR", dynamic_ncols=True)
+      bar = tqdm(total=total * cfg.samples, unit="trace", desc="SC-TIR", dynamic_ncols=True)
+      bar.set_postfix(problems=f"0/{total}")
     self._bar = bar
     try:
       while pending or active:
@@ -323,6 +325,9 @@ class SCTIR:
         self._round(active)
         for prob in [p for p in active if all(t.finish is not None for t in p.traces)]:
           active.remove(prob)
+          done += 1
+          if bar is not None:
+            bar.set_postfix(problems=f"{done}/{total}")
           yield self._result(prob, grader)
     finally:
       for prob in active:
