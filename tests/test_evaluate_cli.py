@@ -165,3 +165,35 @@ def test_help_lists_sets_and_outputs(capsys):
     evaluate.main(["--help"])
   text = capsys.readouterr().out
   assert "--checkpoint" in text and "math_l5" in text and "traces.jsonl" in text and "maj_at_k.png" in text
+
+
+@pytest.mark.slow
+def test_checkpoint_backend_end_to_end(aime, tmp_path, capsys):
+  """A tiny random gpt-oss saved as an Orbax checkpoint, sampled in this process on an 8-device mesh. Its tokens
+  are noise, so traces end by length or as malformed; the point is the wiring from flags to files. One round: each
+  new prompt length compiles the sampler's steps again."""
+  pytest.importorskip("numina_jax.sampling.jax_sampler")
+  from helpers import random_params
+  from numina_jax.checkpoint import save_params
+  from numina_jax.data import DEMO_VOCAB_SIZE
+  from numina_jax.model.config import tiny_config
+  cfg = tiny_config(vocab_size=DEMO_VOCAB_SIZE)
+  save_params(str(tmp_path / "ckpt"), random_params(cfg), cfg, step=7)
+  out = tmp_path / "out"
+  argv = ["--checkpoint", str(tmp_path / "ckpt"), "--tokenizer", "demo", "--mesh", "fsdp=4,tensor=2",
+          "--dtype", "float32", "--max-len", "1024", "--max-batch", "4", "--set", "aime", "--path", str(aime),
+          "--limit", "2", "--samples", "2", "--rounds", "1", "--max-tokens-per-round", "8", "--temperature", "0.7",
+          "--out", str(out)]
+  assert evaluate.main(argv) == 0, capsys.readouterr().err
+  assert "2024_AIME_I_1" in capsys.readouterr().out
+  lines = [json.loads(line) for line in (out / "traces.jsonl").read_text().splitlines()]
+  assert [(r["problem"], r["trace"]) for r in lines] == [(p, i) for p in IDS[:2] for i in range(2)]
+  for r in lines:
+    assert r["finish"] in ("length", "malformed", "stop", "max_rounds", "unknown_tool")
+    assert r["rounds"][0]["max_tokens"] == 8 and 1 <= r["rounds"][0]["tokens"] <= 8
+    assert all(0 <= t < DEMO_VOCAB_SIZE for t in r["token_ids"]) and r["prompt_tokens"] > 100
+  summary = json.loads((out / "summary.json").read_text())
+  assert summary["backend"]["kind"] == "checkpoint" and summary["backend"]["mesh"] == {
+      "data": 1, "fsdp": 4, "expert": 1, "tensor": 2}
+  assert summary["config"]["max_context"] == 1024 and summary["metrics"]["n"] == 2
+  assert (out / "maj_at_k.png").exists()
