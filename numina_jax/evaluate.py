@@ -28,7 +28,7 @@ _FLAGS = {  # SCTIRConfig field -> the flag that sets it, so a config error name
     "timeout_per_problem_s": "--timeout-per-problem", "reasoning_effort": "--reasoning-effort",
     "call_timeout_s": "--call-timeout", "max_output_chars": "--max-output-chars", "require_tool": "--require-tool",
     "on_unknown_tool": "--on-unknown-tool", "concurrent_problems": "--concurrent-problems",
-    "user_template": "--user-template", "n": "--samples", "max_tokens": "--max-tokens-per-round"}
+    "user_template": "--user-template"}
 
 
 class UsageError(ValueError):
