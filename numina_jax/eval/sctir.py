@@ -1,7 +1,7 @@
 """SC-TIR in harmony: N traces per problem sampled in rounds; a round ends in a python call, run in the sandbox and
 fed back, or in the final answer; the answers are majority-voted (`grading`).
 
-How a trace ends (`TraceResult.finish`), checked after every round in this order:
+What each round can do to a trace, and the `TraceResult.finish` of those that end it:
 - "timeout": its problem passed `timeout_per_problem_s`. Checked when a round starts, so a problem can overrun by
   one round (its sampling and its tool calls, each call bounded by `call_timeout_s`). No answer.
 - "length": the round stopped at its token limit: `max_tokens_per_round`, what is left of `max_tokens_per_trace`
