@@ -213,8 +213,10 @@ def train_stage(cfg: ml_collections.ConfigDict, *, stop_at_step: int | None = No
   model_cfg = model_config_for(cfg, tokenizer)
   specs = param_specs(model_cfg)
   p_shard = param_shardings(specs, mesh)
+  from jax.experimental import multihost_utils
   pipe_kwargs = dict(seq_len=cfg.seq_len, global_batch_size=cfg.global_batch_size, seed=cfg.seed,
-                     process_index=jax.process_index(), process_count=jax.process_count())
+                     process_index=jax.process_index(), process_count=jax.process_count(),
+                     allgather=multihost_utils.process_allgather if jax.process_count() > 1 else None)
   train_it = data_lib.make_pipeline(cfg.data, tokenizer, split="train", **pipe_kwargs)
   eval_batches = list(data_lib.make_pipeline(cfg.data, tokenizer, split="eval", **pipe_kwargs))
   steps_per_epoch = train_it.steps_per_epoch
