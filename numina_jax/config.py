@@ -26,7 +26,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.microbatch_size = 0  # sequences per forward/backward; 0 = the whole global batch (no accumulation)
   c.seq_len = 2048  # packed block length in tokens
   c.seed = 0  # seed for parameter init (random-init models) and data shuffling
-  c.workdir = "runs/default"  # run directory: checkpoints, metrics.jsonl, TensorBoard events, plots, export
+  c.workdir = "runs/default"  # run directory (local or gs://): checkpoints, metrics.jsonl, TensorBoard, plot, export
   c.log_every_steps = 10  # steps between metric lines (metrics.jsonl, TensorBoard, progress bar)
   c.checkpoint_every_steps = 500  # steps between checkpoints (0 = only at the end and on preemption)
   c.checkpoint_every_secs = 1800  # also checkpoint when this many seconds passed since the last (0 = off)

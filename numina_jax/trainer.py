@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
 import signal
 import time
 from typing import Any
@@ -19,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from numina_jax import checkpoint as ckpt
 from numina_jax import config as config_lib
+from numina_jax import storage
 from numina_jax.metrics import MetricWriter, flops_per_token, peak_flops_per_device, plot_metrics
 from numina_jax.model.config import GptOssConfig
 from numina_jax.model.params import init_value, param_specs
@@ -157,9 +157,9 @@ def stage2_config(cfg, stage1_workdir: str) -> ml_collections.ConfigDict:
     c.warmup_ratio = cfg.stage2.warmup_ratio
     c.lr = cfg.stage2.lr
     c.model.hf_path = ""
-    c.model.init_checkpoint = os.path.join(stage1_workdir, "checkpoints")
+    c.model.init_checkpoint = storage.join(stage1_workdir, "checkpoints")
     c.model.init_step = -1
-    c.workdir = os.path.join(cfg.workdir, "stage2_tir")
+    c.workdir = storage.join(cfg.workdir, "stage2_tir")
     c.stage2.enabled = False
   return c
 
@@ -173,7 +173,7 @@ def train(cfg: ml_collections.ConfigDict, *, stop_at_step: int | None = None) ->
     return train_stage(cfg, stop_at_step=stop_at_step)
   c1 = copy.deepcopy(cfg)
   with c1.unlocked():
-    c1.workdir = os.path.join(cfg.workdir, "stage1_cot")
+    c1.workdir = storage.join(cfg.workdir, "stage1_cot")
     c1.stage2.enabled = False
     c1.export_hf = False
   r1 = train_stage(c1, stop_at_step=stop_at_step)
@@ -198,7 +198,7 @@ def train_stage(cfg: ml_collections.ConfigDict, *, stop_at_step: int | None = No
 
   workdir = cfg.workdir
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   mesh = make_mesh(dict(cfg.mesh))
   n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
   micro = cfg.microbatch_size or cfg.global_batch_size
@@ -213,8 +213,10 @@ def train_stage(cfg: ml_collections.ConfigDict, *, stop_at_step: int | None = No
   model_cfg = model_config_for(cfg, tokenizer)
   specs = param_specs(model_cfg)
   p_shard = param_shardings(specs, mesh)
+  from jax.experimental import multihost_utils
   pipe_kwargs = dict(seq_len=cfg.seq_len, global_batch_size=cfg.global_batch_size, seed=cfg.seed,
-                     process_index=jax.process_index(), process_count=jax.process_count())
+                     process_index=jax.process_index(), process_count=jax.process_count(),
+                     allgather=multihost_utils.process_allgather if jax.process_count() > 1 else None)
   train_it = data_lib.make_pipeline(cfg.data, tokenizer, split="train", **pipe_kwargs)
   eval_batches = list(data_lib.make_pipeline(cfg.data, tokenizer, split="eval", **pipe_kwargs))
   steps_per_epoch = train_it.steps_per_epoch
@@ -245,7 +247,7 @@ def train_stage(cfg: ml_collections.ConfigDict, *, stop_at_step: int | None = No
     eval_fn = jit_eval_step(sc, p_shard, mesh)
     b_shard = batch_shardings(mesh)
 
-    writer = MetricWriter(workdir, enabled=is_main)
+    writer = MetricWriter(workdir, enabled=is_main, resume_step=start or 0)
     writer.write_config(cfg, model_cfg)
     fpt = flops_per_token(model_cfg, cfg.seq_len)
     peak = peak_flops_per_device() * jax.device_count()
@@ -304,6 +306,7 @@ def train_stage(cfg: ml_collections.ConfigDict, *, stop_at_step: int | None = No
           ckpt.MODEL_CONFIG: ocp.args.JsonSave(model_cfg.to_hf_dict()),
           ckpt.TRAIN_META: ocp.args.JsonSave(meta),
       }), metrics=metrics, force=force)
+      writer.flush()  # on gs:// metrics.jsonl is rewritten only now and then: never lag behind a checkpoint
       last_save_t = time.time()
 
     preempted = False
@@ -353,10 +356,11 @@ def train_stage(cfg: ml_collections.ConfigDict, *, stop_at_step: int | None = No
                 mgr.directory)
   elif is_main:
     if cfg.plot:
+      writer.flush()  # the plot reads metrics.jsonl back
       result["plot"] = plot_metrics(workdir)
     if cfg.export_hf:
       from numina_jax.hf import save_pretrained
-      out = os.path.join(workdir, "hf")
+      out = storage.join(workdir, "hf")
       save_pretrained(state["params"], out, cfg=model_cfg, dtype=as_dtype(cfg.export_dtype),
                       tokenizer=tokenizer, overwrite=True)
       result["hf_export"] = out
@@ -369,7 +373,7 @@ def train_stage(cfg: ml_collections.ConfigDict, *, stop_at_step: int | None = No
 
 
 def _manager(cfg) -> ocp.CheckpointManager:
-  return ckpt.training_manager(os.path.join(cfg.workdir, "checkpoints"), max_to_keep=cfg.checkpoint.max_to_keep,
+  return ckpt.training_manager(storage.join(cfg.workdir, "checkpoints"), max_to_keep=cfg.checkpoint.max_to_keep,
                                keep_best=cfg.checkpoint.keep_best, async_save=cfg.checkpoint.async_save)
 
 

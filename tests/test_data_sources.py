@@ -49,6 +49,28 @@ def test_jsonl_json_parquet_and_directory(tmp_path):
   assert open_source(SourceSpec(str(tmp_path))).fingerprint != before
 
 
+def test_iter_selected_parses_only_the_selected_rows(tmp_path):
+  _jsonl(tmp_path / "a.jsonl", ROWS[:3])
+  with open(tmp_path / "a.jsonl", "a") as f:
+    f.write("\n{not json\n")  # row 3; a blank line is not a row
+  (tmp_path / "b.json").write_text(json.dumps(ROWS[3:5]))
+  _parquet(tmp_path / "c.parquet", ROWS[5:])
+  src = open_source(SourceSpec(str(tmp_path)))
+  assert src.num_rows == 8
+  keep = np.array([1, 0, 1, 0, 0, 1, 1, 0], bool)
+  got = list(src.iter_selected(keep))
+  assert got == [(0, ROWS[0]), (2, ROWS[2]), (5, ROWS[4]), (6, ROWS[5])]  # row 3, the bad line, is never parsed
+  keep[3] = True
+  assert isinstance(dict(src.iter_selected(keep))[3], sources.BadLine)
+  with pytest.raises(RuntimeError, match="more rows than the 7 counted"):
+    list(src.iter_selected(keep[:7]))
+  (tmp_path / "repo" / "data").mkdir(parents=True)
+  _parquet(tmp_path / "repo" / "data" / "train-00000-of-00001.parquet", ROWS)
+  hub = open_source(SourceSpec(f"hf:{tmp_path / 'repo'}"))
+  keep = np.arange(7) % 3 == 1
+  assert list(hub.iter_selected(keep)) == [(1, ROWS[1]), (4, ROWS[4])]
+
+
 def test_json_object_with_one_list_and_json_lines_named_json(tmp_path):
   (tmp_path / "x.json").write_text(json.dumps({"data": ROWS[:2]}))
   assert _read(str(tmp_path / "x.json"))[1] == ROWS[:2]

@@ -5,6 +5,7 @@
   format_example(row, tok, cfg)                            # {"input_ids", "loss_mask"} of one row
   it = make_pipeline(cfg, tok, seq_len=2048, global_batch_size=32, seed=0)           # this host's train batches
   evals = make_pipeline(cfg, tok, seq_len=2048, global_batch_size=32, seed=0, split="eval")
+  # on many hosts: process_index=, process_count=, allgather=multihost_utils.process_allgather
 """
 
 from numina_jax.data.config import default_data_config, validate_data_config

@@ -34,7 +34,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.allowed_sources = ()  # keep only rows whose `source` is listed; () = keep all
   c.on_bad_row = "error"  # malformed row: "error" (raise, naming dataset, row and field) or "skip" (counted in stats)
   # Held-out evaluation split.
-  c.eval_size = 0.02  # held-out rows: a fraction (< 1) of each source, or a count (>= 1) spread over sources by size
+  c.eval_size = 0.02  # held-out rows, drawn before filtering: a fraction (< 1) of each source, or a count (>= 1) spread over sources by size
   c.eval_seed = 0  # seed of the held-out choice, separate from the shuffle seed so the eval set never moves
   c.eval_dataset_name = ""  # a separate eval source instead of a held-out split; "" = hold out from the train sources
   c.eval_split = "test"  # split of eval_dataset_name
@@ -49,12 +49,12 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.drop_history_analysis = True  # multi-turn rows: drop the analysis of earlier, finished turns, as at inference
   # Packing and iteration.
   c.overlong = "skip"  # a document longer than seq_len: "skip" (counted in stats) or "error"; never cut
-  c.pack_window = 2048  # documents packed together, best-fit-decreasing; larger packs tighter
-  c.shuffle = True  # reshuffle documents every epoch from make_pipeline's seed (random access: no shuffle buffer)
+  c.pack_window = 2048  # documents of one row slot packed together, best-fit-decreasing; larger packs tighter
+  c.shuffle = True  # reshuffle each row slot's documents every epoch from make_pipeline's seed (no shuffle buffer)
   c.num_epochs = 0  # passes over the train split; 0 = repeat forever (the trainer stops by steps)
-  c.prefetch = 2  # batches prepared ahead by a background thread; 0 = none
+  c.prefetch = 2  # batches prepared ahead by grain's prefetch thread; 0 = none
   # Tokenization cache.
-  c.cache_dir = ""  # tokenized-data cache; "" = $NUMINA_JAX_CACHE or ~/.cache/numina_jax/tokenized
+  c.cache_dir = ""  # tokenized-data cache, a folder per row slot's shard of a source, each host its own; "" = $NUMINA_JAX_CACHE or ~/.cache/numina_jax/tokenized
   c.tokenize_batch_size = 512  # rows rendered and tokenized per call
   c.progress_bar = True  # show a tqdm bar while tokenizing
   return c

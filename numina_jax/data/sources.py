@@ -1,7 +1,7 @@
 """Where rows come from: Hub datasets, local .jsonl/.json/.parquet files or directories, tfds, the shipped sample.
 
 A source is read as a numbered sequence of rows (dicts); rows are only streamed once, when they are tokenized into
-the on-disk cache, so a large set is never held in memory. Names:
+the on-disk cache, so a large set is never held in memory, and a host parses only the rows it owns. Names:
 
   "AI-MO/NuminaMath-CoT"       a Hub dataset, through `datasets.load_dataset(name, config, split=split)`
   "hf:NAME"                    the same path forced, for a local dataset directory laid out like a Hub repo
@@ -18,6 +18,8 @@ import json
 import re
 from pathlib import Path
 from typing import Any, Iterator
+
+import numpy as np
 
 from numina_jax.data import config as data_config
 
@@ -112,6 +114,22 @@ class RowSource:
   def iter_rows(self) -> Iterator[Any]:
     raise NotImplementedError
 
+  def iter_selected(self, keep: np.ndarray) -> Iterator[tuple[int, Any]]:
+    """(index, row) of the rows where keep[index] (a bool array of num_rows), in order; others are not parsed."""
+    n = len(keep)
+    idx = -1
+    for idx, row in enumerate(self.iter_rows()):
+      if idx >= n:
+        raise RuntimeError(f"{self.name}: more rows than the {n} counted; did the files change while reading?")
+      if keep[idx]:
+        yield idx, row
+    _check_count(self.name, idx + 1, n)
+
+
+def _check_count(name: str, seen: int, expected: int) -> None:
+  if seen != expected:
+    raise RuntimeError(f"{name}: read {seen} rows, expected {expected}; did the files change while reading?")
+
 
 def _file_stat_fingerprint(paths: list[Path]) -> str:
   h = hashlib.sha256()
@@ -197,6 +215,45 @@ class LocalFiles(RowSource):
     for path in self.paths:
       yield from self._iter_file(path)
 
+  def iter_selected(self, keep: np.ndarray) -> Iterator[tuple[int, Any]]:
+    n = len(keep)
+    idx = 0
+
+    def check(more: int):
+      if idx + more > n:
+        raise RuntimeError(f"{self.name}: more rows than the {n} counted; did the files change while reading?")
+
+    for path in self.paths:
+      if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+          check(batch.num_rows)
+          sel = np.flatnonzero(keep[idx:idx + batch.num_rows])
+          if len(sel):
+            yield from zip((idx + sel).tolist(), batch.take(sel).to_pylist())
+          idx += batch.num_rows
+        continue
+      rows = self._json_rows(path) if path.suffix == ".json" else None
+      if rows is not None:
+        check(len(rows))
+        for j, row in enumerate(rows):
+          if keep[idx + j]:
+            yield idx + j, row
+        idx += len(rows)
+        continue
+      with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+          if not line.strip():
+            continue
+          check(1)
+          if keep[idx]:  # only owned lines are parsed
+            try:
+              yield idx, json.loads(line)
+            except json.JSONDecodeError as e:
+              yield idx, BadLine(f"{path.name} line {lineno} is not valid JSON ({e.msg})")
+          idx += 1
+    _check_count(self.name, idx, n)
+
 
 class HFDataset(RowSource):
   """A `datasets.Dataset` (from the Hub or a local dataset directory)."""
@@ -205,14 +262,22 @@ class HFDataset(RowSource):
     self.name, self.ds, self.fingerprint, self.num_rows = name, ds, fingerprint, len(ds)
 
   def iter_rows(self) -> Iterator[Any]:
-    for batch in self.ds.iter(batch_size=1024):
+    yield from self._iter(self.ds)
+
+  @staticmethod
+  def _iter(ds) -> Iterator[Any]:
+    for batch in ds.iter(batch_size=1024):
       keys = list(batch)
       for values in zip(*(batch[k] for k in keys)):
         yield dict(zip(keys, values))
 
+  def iter_selected(self, keep: np.ndarray) -> Iterator[tuple[int, Any]]:
+    _check_count(self.name, len(keep), self.num_rows)
+    rows = np.flatnonzero(keep)
+    yield from zip(rows.tolist(), self._iter(self.ds.select(rows)))
+
 
 def _to_python(value):
-  import numpy as np
   if isinstance(value, bytes):
     return value.decode("utf-8")
   if isinstance(value, np.ndarray):

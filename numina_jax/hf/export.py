@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
+from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import jax
@@ -14,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from numina_jax import storage
 from numina_jax.hf import keymap
 from numina_jax.model.config import GptOssConfig
 from numina_jax.model.params import param_specs
@@ -116,16 +119,19 @@ def generation_config(cfg: GptOssConfig) -> dict[str, Any]:
 
 
 def _prepare_dir(out_dir: str, overwrite: bool) -> None:
-  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+  out = storage.path(out_dir)
+  storage.refresh(out_dir)
+  if out.exists() and not out.is_dir():
     raise NotADirectoryError(f"{out_dir} exists and is not a folder")
-  if os.path.isdir(out_dir) and os.listdir(out_dir):
+  names = storage.listdir(out_dir)
+  if names:
     if not overwrite:
       raise FileExistsError(f"{out_dir} is not empty; pass overwrite=True (--overwrite) to write into it")
     # Stale shards of an earlier export with a different shard count would confuse loaders.
-    for f in os.listdir(out_dir):
+    for f in names:
       if re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json", f):
-        os.remove(os.path.join(out_dir, f))
-  os.makedirs(out_dir, exist_ok=True)
+        storage.remove(storage.join(out_dir, f))
+  storage.makedirs(out_dir)
 
 
 def save_pretrained(model_or_params, out_dir: str, dtype=jnp.bfloat16, *, cfg: GptOssConfig | None = None,
@@ -163,31 +169,42 @@ def save_pretrained(model_or_params, out_dir: str, dtype=jnp.bfloat16, *, cfg: G
             disable=not progress) as bar:
     for k, items in enumerate(shards):
       file = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-      path = os.path.join(out_dir, file)
       header, nbytes = _header(items, cfg, st_dtype, np_dtype.itemsize)
-      with open(path + ".partial", "wb") as f:
+      # Whole or not at all: a failure mid-shard leaves no truncated file under the final name.
+      with storage.open_write(storage.join(out_dir, file), "wb") as f:
         f.write(header)
+        written = 0
         for name, entry, layer in items:
           for chunk in _hf_chunks(params, cfg, entry, layer, np_dtype):
             f.write(chunk.tobytes())
+            written += chunk.nbytes
           weight_map[name] = file
           bar.update(1)
-        written = f.tell() - len(header)
-      assert written == nbytes, (file, written, nbytes)
-      os.replace(path + ".partial", path)
+        assert written == nbytes, (file, written, nbytes)
       total += nbytes
 
-  with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
-    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+  storage.write_text(storage.join(out_dir, INDEX_FILE),
+                     json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
   config = cfg.to_hf_dict()
   config["torch_dtype"] = config["dtype"] = np_dtype.name
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(config, f, indent=2)
-  with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
-    json.dump(generation_config(cfg), f, indent=2)
+  storage.write_text(storage.join(out_dir, "config.json"), json.dumps(config, indent=2))
+  storage.write_text(storage.join(out_dir, "generation_config.json"),
+                     json.dumps(generation_config(cfg), indent=2))
   if tokenizer is not None:
-    if isinstance(tokenizer, (str, os.PathLike)):
-      from transformers import AutoTokenizer
-      tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer))
-    tokenizer.save_pretrained(out_dir)
+    _save_tokenizer(tokenizer, out_dir)
   return out_dir
+
+
+def _save_tokenizer(tokenizer, out_dir: str) -> None:
+  """The tokenizer files, written by transformers into a local folder (it writes only there), then copied."""
+  if isinstance(tokenizer, (str, os.PathLike)):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer))
+  if not storage.is_remote(out_dir):
+    tokenizer.save_pretrained(out_dir)
+    return
+  with tempfile.TemporaryDirectory(prefix="numina-tokenizer-") as tmp:
+    tokenizer.save_pretrained(tmp)
+    for f in sorted(Path(tmp).rglob("*")):
+      if f.is_file():
+        storage.upload(f, storage.join(out_dir, *f.relative_to(tmp).parts))
