@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import math
-import os
 import sys
 import time
 from typing import Sequence
 
+from numina_jax import storage
 from numina_jax.eval import sctir as sctir_lib
 from numina_jax.eval.datasets import SETS, add_eval_set_flags, eval_set_from_flags
 
@@ -28,7 +29,7 @@ _FLAGS = {  # SCTIRConfig field -> the flag that sets it, so a config error name
     "timeout_per_problem_s": "--timeout-per-problem", "reasoning_effort": "--reasoning-effort",
     "call_timeout_s": "--call-timeout", "max_output_chars": "--max-output-chars", "require_tool": "--require-tool",
     "on_unknown_tool": "--on-unknown-tool", "concurrent_problems": "--concurrent-problems",
-    "user_template": "--user-template"}
+    "user_template": "--user-template", "tool_description": "--tool-description"}
 
 
 class UsageError(ValueError):
@@ -82,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
   src.add_argument("--tokenizer", metavar="PATH_OR_ID", help="tokenizer folder or Hub id ('demo' for the demo "
                    "one); required with --checkpoint and --server")
   src.add_argument("--model", help="--server: the served model's name (default: the server's only model)")
+  src.add_argument("--concurrency", type=_number(int, 1), default=256,
+                   help="--server: requests in flight over all servers; each trace is its own request (its own "
+                        "seed), so this bounds the batch a server decodes (default: %(default)s)")
   src.add_argument("--step", type=_number(int, 0), default=None, help="--checkpoint: the step (default: latest)")
 
   data = p.add_argument_group("problems")
@@ -101,13 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--max-tokens-per-trace", type=_number(int, 1), default=d.max_tokens_per_trace,
                  help="tokens the model writes per trace, over all rounds (default: %(default)s)")
   s.add_argument("--max-context", type=_number(int, 2), default=None,
-                 help="prompt + everything after it (default: the in-process sampler's --max-len; none for servers)")
+                 help="prompt + everything after it (default: --max-len in process, the servers' max_model_len)")
   s.add_argument("--timeout-per-problem", type=_number(float, 0, strict=True), default=None, metavar="SECONDS",
                  help="wall time per problem, checked as each round starts (default: none)")
   s.add_argument("--reasoning-effort", choices=("low", "medium", "high"), default=d.reasoning_effort,
                  help="(default: %(default)s)")
   s.add_argument("--user-template", default=d.user_template,
                  help="user message with {problem} in it (default: an instruction to box the answer)")
+  s.add_argument("--tool-description", default=None, metavar="TEXT",
+                 help="the python tool's description in the system message (default: written from the sandbox's "
+                      "limits and what it can import)")
   s.add_argument("--call-timeout", type=_number(float, 0, strict=True), default=d.call_timeout_s, metavar="SECONDS",
                  help="wall time of one python call (default: %(default)s)")
   s.add_argument("--max-output-chars", type=_number(int, 50), default=d.max_output_chars,
@@ -144,7 +151,8 @@ def sctir_config(args) -> sctir_lib.SCTIRConfig:
         samples=args.samples, rounds=args.rounds, seed=args.seed, temperature=args.temperature, top_p=args.top_p,
         max_tokens_per_round=args.max_tokens_per_round, max_tokens_per_trace=args.max_tokens_per_trace,
         max_context=args.max_context, timeout_per_problem_s=args.timeout_per_problem,
-        reasoning_effort=args.reasoning_effort, user_template=args.user_template, call_timeout_s=args.call_timeout,
+        reasoning_effort=args.reasoning_effort, user_template=args.user_template,
+        tool_description=args.tool_description, call_timeout_s=args.call_timeout,
         max_output_chars=args.max_output_chars, stateful=args.stateful, require_tool=args.require_tool,
         on_unknown_tool=args.on_unknown_tool, concurrent_problems=args.concurrent_problems)
   except ValueError as e:
@@ -176,17 +184,16 @@ def _check_flags(args, injected: bool) -> None:
 
 
 def _out_dir(path: str, overwrite: bool):
-  from etils import epath
-  out = epath.Path(path) if "://" in path else epath.Path(os.path.abspath(path))
+  out = storage.path(path)
   if out.exists() and not out.is_dir():
     raise UsageError(f"--out {path} exists and is not a folder")
   present = [name for name in OUTPUTS if (out / name).exists()]
   if present and not overwrite:
     raise UsageError(f"--out {path} already holds {', '.join(present)}; pass --overwrite to replace them, or "
                      "choose another folder")
-  out.mkdir(parents=True, exist_ok=True)
+  storage.makedirs(out)
   for name in present:  # a summary of an earlier run must not sit beside the traces of this one
-    (out / name).unlink()
+    storage.remove(out / name)
   return out
 
 
@@ -195,8 +202,10 @@ def build_sampler(args, tokenizer_name: str | None):
   if args.server:
     from numina_jax.sampling.engine import EngineSampler
     urls = [u.strip() for u in args.server.split(",")]
-    sampler = EngineSampler(urls, model=args.model)
-    return sampler, {"kind": "server", "urls": urls, "model": getattr(sampler, "model", args.model)}, None
+    sampler = EngineSampler(urls, model=args.model, max_concurrency=args.concurrency, progress=False)
+    backend = {"kind": "server", "urls": sampler.urls, "model": sampler.model,
+               "max_model_len": sampler.max_model_len, "tokenizer": tokenizer_name}
+    return sampler, backend, sampler.max_model_len
   from numina_jax.sampling.jax_sampler import JaxSampler
   from numina_jax.sharding import make_mesh
   mesh = make_mesh(args.mesh)
@@ -257,9 +266,10 @@ def plot_maj_at_k(metrics, path, title: str) -> None:
   ax.legend()
   ax.set_title(title)
   fig.tight_layout()
-  with path.open("wb") as f:
-    fig.savefig(f, format="png")
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png")
   plt.close(fig)
+  storage.write_bytes(path, buffer.getvalue())
 
 
 def evaluate(args, sampler, tokenizer, backend: dict, max_context: int | None) -> dict:
@@ -297,7 +307,7 @@ def evaluate(args, sampler, tokenizer, backend: dict, max_context: int | None) -
                  "sampler_requests": requests, "python_calls": sum(t.python_calls for t in traces),
                  "python_wall_s": sum(c.wall_s for t in traces for c in t.tool_calls)},
   }
-  (out / "summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
+  storage.write_text(out / "summary.json", json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
   plot_maj_at_k(metrics, out / "maj_at_k.png", f"{eval_set.name}: {len(eval_set)} problems x {cfg.samples} traces")
   print(problem_table(ordered))
   print(metrics.summary())

@@ -302,6 +302,7 @@ def test_sandbox_description_from_the_probe(tok):
     ("max_output_chars", 10, "max_output_chars: must be an integer >= 50"),
     ("user_template", "no placeholder", "user_template: must contain {problem}"),
     ("require_tool", "always", "require_tool: must be one of"),
+    ("tool_description", " ", "tool_description: must be None"),
     ("reasoning_effort", "max", "reasoning_effort: must be one of"),
     ("call_timeout_s", 0, "call_timeout_s: must be a positive number"),
     ("timeout_per_problem_s", -1, "timeout_per_problem_s: must be a positive number"),

@@ -95,6 +95,8 @@ class SCTIRConfig:
          f"must be one of {REASONING_EFFORTS}, got {self.reasoning_effort!r}")
     need(self.user_template.count("{problem}") == 1, "user_template",
          f"must contain {{problem}} exactly once, got {self.user_template!r}")
+    need(self.tool_description is None or isinstance(self.tool_description, str) and self.tool_description.strip(),
+         "tool_description", "must be None (describe our sandbox) or a non-empty text")
     need(self.require_tool in REQUIRE_TOOL, "require_tool", f"must be one of {REQUIRE_TOOL}, got {self.require_tool!r}")
     need(self.on_unknown_tool in ON_UNKNOWN_TOOL, "on_unknown_tool",
          f"must be one of {ON_UNKNOWN_TOOL}, got {self.on_unknown_tool!r}")
