@@ -120,6 +120,19 @@ def test_end_to_end(tok, aime, tmp_path, capsys):
   assert len((out / "traces.jsonl").read_text().splitlines()) == 9
 
 
+def test_outputs_to_a_bucket(tok, aime, gcs_bucket, capsys):
+  from numina_jax import storage
+  out = f"{gcs_bucket}/eval/aime"
+  sampler = ScriptedSampler(tok, SCRIPT, IDS, samples=3, rounds=3)
+  assert evaluate.main(_argv(aime, out, "--limit", "1"), sampler=sampler) == 0, capsys.readouterr().err
+  lines = storage.read_text(f"{out}/traces.jsonl").splitlines()
+  assert [json.loads(line)["answer"] for line in lines] == ["42", "042", "42"]
+  assert json.loads(storage.read_text(f"{out}/summary.json"))["metrics"]["maj_at"]["3"] == 1.0
+  assert storage.path(f"{out}/maj_at_k.png").read_bytes()[:4] == b"\x89PNG"
+  assert evaluate.main(_argv(aime, out, "--limit", "1"), sampler=sampler) == 2
+  assert "already holds" in capsys.readouterr().err
+
+
 def test_limit_and_problems(tok, aime, tmp_path, capsys):
   sampler = ScriptedSampler(tok, SCRIPT, IDS, samples=3, rounds=3)
   assert evaluate.main(_argv(aime, tmp_path / "o", "--problems", IDS[1]), sampler=sampler) == 0
