@@ -45,13 +45,20 @@ def flops_per_token(cfg, seq_len: int) -> float:
 class MetricWriter:
   """One JSON line per logged step in workdir/metrics.jsonl, and TensorBoard events in workdir/tb."""
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, resume_step: int | None = None):
+    """`resume_step`: the step the run restarts from; lines logged after it (by a run that stopped later than its
+    last checkpoint) are dropped, so no step appears twice."""
     self.enabled = enabled
     self.workdir = workdir
     self._tb = None
     self._f = None
     if enabled:
-      self._f = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      path = os.path.join(workdir, "metrics.jsonl")
+      if resume_step is not None and os.path.exists(path):
+        kept = [r for r in read_metrics(workdir) if r.get("step", 0) <= resume_step]
+        with open(path, "w") as f:
+          f.writelines(json.dumps(r) + "\n" for r in kept)
+      self._f = open(path, "a")
       try:
         from tensorboardX import SummaryWriter
         self._tb = SummaryWriter(os.path.join(workdir, "tb"))
