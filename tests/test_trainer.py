@@ -234,3 +234,18 @@ def test_progress_writes_a_plain_line_every_n_steps_or_30_s_whichever_is_rarer(c
       now[0] += 60.0  # slow steps: every 10 steps is the rarer bound
       q.update(step)
   assert [r.getMessage().split(",")[0] for r in caplog.records] == [f"x step {s}/100 (%d%%)" % s for s in (10, 20, 30)]
+
+
+def test_metric_writer_drops_lines_logged_past_the_resume_step(tmp_path):
+  """A run that logged steps 1-5 but last saved step 3 resumes at 3: steps 4 and 5 are not logged twice."""
+  from numina_jax.metrics import MetricWriter, read_metrics
+  w = MetricWriter(str(tmp_path), resume_step=0)
+  for s in range(1, 6):
+    w.write(s, {"loss": float(s)})
+  w.write(3, {"eval_loss": 0.5})
+  w.close()
+  w = MetricWriter(str(tmp_path), resume_step=3)
+  w.write(4, {"loss": 40.0})
+  w.close()
+  assert [(r["step"], r.get("loss", r.get("eval_loss"))) for r in read_metrics(str(tmp_path))] == [
+      (1, 1.0), (2, 2.0), (3, 3.0), (3, 0.5), (4, 40.0)]
