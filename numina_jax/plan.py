@@ -98,8 +98,8 @@ def make_plan(cfg, model_cfg, devices) -> Plan:
   from numina_jax.model.transformer import as_dtype
   from numina_jax.optim import make_optimizer
   from numina_jax.sharding import make_mesh, param_shardings
-  from numina_jax.step import BATCH_KEYS, StepConfig, batch_shardings, jit_train_step
-  from numina_jax.trainer import opt_state_shardings
+  from numina_jax.step import BATCH_KEYS, StepConfig, batch_shardings, host_flags_sharding, jit_train_step
+  from numina_jax.trainer import NUM_FLAGS, opt_state_shardings
 
   mesh = make_mesh(dict(cfg.mesh), devices)
   specs = param_specs(model_cfg)
@@ -121,9 +121,11 @@ def make_plan(cfg, model_cfg, devices) -> Plan:
   batch_abs = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_mask" else jnp.int32, sharding=b_shard[k])
                for k in BATCH_KEYS}
   sc = StepConfig.from_config(cfg, model_cfg)
-  step = jit_train_step(sc, tx, schedule, state_shard, mesh)
+  # The step exactly as the trainer runs it, with the hosts' flags.
+  flags_abs = jax.ShapeDtypeStruct((mesh.size, NUM_FLAGS), jnp.int32, sharding=host_flags_sharding(mesh))
+  step = jit_train_step(sc, tx, schedule, state_shard, mesh, host_flags=True)
   with jax.set_mesh(mesh):
-    compiled = step.lower(state_abs, batch_abs).compile()
+    compiled = step.lower(state_abs, batch_abs, flags_abs).compile()
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   if isinstance(cost, list):
