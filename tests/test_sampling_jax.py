@@ -2,6 +2,7 @@
 sampling semantics (seeds, temperature, top_p, n, stop tokens, logprobs), errors, meshes and constructors."""
 
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -239,6 +240,10 @@ def test_errors_name_the_prompt(model, sampler):
     sampler.generate([ok], SamplingParams(stop_token_ids=(999,), max_tokens=5))
   with pytest.raises(ValueError, match="max_len 5000 exceeds the model's max_position_embeddings"):
     JaxSampler(model[2], cfg, max_len=5000)
+  with pytest.raises(ValueError, match="unknown moe_kernel 'fast'"):
+    JaxSampler(model[2], cfg, max_len=64, moe_kernel="fast")
+  with pytest.raises(ValueError, match="max_batch must be an integer >= 1, got 0"):
+    JaxSampler(model[2], cfg, max_len=64, max_batch=0)
   assert sampler.generate([], SamplingParams()) == []
 
 
@@ -262,6 +267,42 @@ def test_mesh_greedy_equals_one_device(tiny_hf, model, greedy_run):
   out = s.generate(prompts, SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS,
                                            stop_token_ids=(cfg.eos_token_id,)))
   assert [c[0].token_ids for c in out] == [c[0].token_ids for c in want[:len(prompts)]]
+
+
+@pytest.mark.slow
+def test_two_hosts_agree(tmp_path):
+  # Two processes of 4 CPU devices each form one 8-device job (as two hosts of a slice); each runs the host loop
+  # on its own, so their stop decisions and drawn seeds must agree.
+  import os
+  import socket
+  import subprocess
+  import sys
+  import multihost_sampler_worker as worker
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+  here = os.path.dirname(os.path.abspath(__file__))
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+         "PYTHONPATH": os.pathsep.join([os.path.dirname(here), here, os.environ.get("PYTHONPATH", "")])}
+  procs = [subprocess.Popen([sys.executable, worker.__file__, str(port), str(i), str(tmp_path / f"{i}.json")],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  try:
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+  a, b = (json.loads((tmp_path / f"{i}.json").read_text()) for i in range(2))
+  assert a == b
+  assert [len(cs[0]) for cs in a["sampled"]] == [worker.NEW_TOKENS, worker.NEW_TOKENS - 3]
+  assert a["sampled"][0][0] != a["greedy"][0]
+  # Greedy tokens are the argmax of the full forward pass at each position.
+  cfg, params = worker.model()
+  seqs = [p + t for p, t in zip(worker.PROMPTS, a["greedy"])]
+  ids = jnp.asarray([s + [0] * (max(map(len, seqs)) - len(s)) for s in seqs])
+  logits = np.asarray(jit(lambda p, x: forward(p, x, cfg))(params, ids))
+  for prompt, seq, lg in zip(worker.PROMPTS, seqs, logits):
+    assert seq[len(prompt):] == np.argmax(lg[len(prompt) - 1:len(seq) - 1], -1).tolist()
 
 
 # Constructors ---------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from numina_jax.model.config import GptOssConfig
+from numina_jax.model.layers import resolve_moe_kernel
 from numina_jax.model.params import param_specs
 from numina_jax.model.transformer import as_dtype, check_params
 from numina_jax.sampling import kv_cache
@@ -116,6 +117,7 @@ class JaxSampler:
     if max_len > model_cfg.max_position_embeddings:
       raise ValueError(f"JaxSampler max_len {max_len} exceeds the model's max_position_embeddings "
                        f"({model_cfg.max_position_embeddings})")
+    resolve_moe_kernel(moe_kernel)  # a bad name fails here, not at the first step
     self.cfg = model_cfg
     self.mesh = mesh
     self.max_len, self.max_batch = max_len, max_batch
