@@ -234,6 +234,8 @@ def test_errors_name_the_prompt(model, sampler):
     sampler.generate([ok, []], SamplingParams(max_tokens=5))
   with pytest.raises(ValueError, match=r"prompt 0: token 301 at position 2 is outside the vocabulary \[0, 301\)"):
     sampler.generate([[3, 4, 301]], SamplingParams(max_tokens=5))
+  with pytest.raises(TypeError, match="params for prompt 1 is a dict, not SamplingParams"):
+    sampler.generate([ok, ok], [SamplingParams(), {"max_tokens": 5}])
   with pytest.raises(ValueError, match="got 1 SamplingParams for 2 prompts"):
     sampler.generate([ok, ok], [SamplingParams()])
   with pytest.raises(ValueError, match="prompt 0: stop token 999"):

@@ -191,12 +191,13 @@ class JaxSampler:
       if len(per_prompt) != len(prompts):
         raise ValueError(f"got {len(per_prompt)} SamplingParams for {len(prompts)} prompts; pass one, or one "
                          "per prompt")
+    for i, sp in enumerate(per_prompt):
+      if not isinstance(sp, SamplingParams):
+        raise TypeError(f"params for prompt {i} is a {type(sp).__name__}, not SamplingParams")
     V = self.cfg.vocab_size
     seeds = self._seeds(per_prompt)
     rows = []
     for i, (prompt, sp) in enumerate(zip(prompts, per_prompt)):
-      if not isinstance(sp, SamplingParams):
-        raise TypeError(f"params for prompt {i} is a {type(sp).__name__}, not SamplingParams")
       tokens = tuple(int(t) for t in prompt)
       if not tokens:
         raise ValueError(f"prompt {i} is empty: a completion needs at least one prompt token")
@@ -224,7 +225,8 @@ class JaxSampler:
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       drawn = np.asarray(multihost_utils.broadcast_one_to_all(drawn))
-    return [sp.seed if sp.seed is not None else (int(hi) << 32) | int(lo) for sp, (hi, lo) in zip(per_prompt, drawn)]
+    return [sp.seed if sp.seed is not None else (int(hi) << 32) | int(lo)
+            for sp, (hi, lo) in zip(per_prompt, drawn)]
 
   def _mesh_context(self):
     return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
