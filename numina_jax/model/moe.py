@@ -195,6 +195,9 @@ def resolve_moe_kernel(name: str) -> str:
     return {"cpu": "tiled", "tpu": "gmm"}.get(_platform(), "ragged")
   if name not in MOE_KERNELS:
     raise ValueError(f"unknown moe_kernel {name!r}; choose one of auto, {', '.join(MOE_KERNELS)}")
+  if name == "gmm" and _platform() not in ("tpu", "cpu"):
+    raise ValueError(f"moe_kernel 'gmm' is the TPU megablox kernel (interpreted on CPU for tests); on "
+                     f"{_platform()} use ragged or auto")
   return name
 
 
