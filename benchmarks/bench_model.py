@@ -31,7 +31,7 @@ def parse_args(argv=None):
   p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocator warm-up)")
   p.add_argument("--seq", type=int, default=1024, help="sequence length")
   p.add_argument("--batch", type=int, default=4, help="sequences per step")
-  p.add_argument("--kernel", default="auto", choices=["auto", "tiled", "ragged", "dense"], help="our MoE kernel")
+  p.add_argument("--kernel", default="auto", choices=["auto", "tiled", "ragged", "gmm", "dense"], help="our MoE kernel")
   p.add_argument("--tile", type=int, default=None,
                  help="row tile of the tiled MoE kernel (default: the model's; 256 is fastest on the bench config)")
   p.add_argument("--remat", default="none", help="our remat policy (numina_jax.model.REMAT_POLICIES)")
@@ -148,7 +148,7 @@ def breakdown_ours(args, cfg, reps=5):
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from numina_jax.model import layers
+  from numina_jax.model import layers, moe as moe_lib
   from numina_jax.model.config import yarn_inv_freq
   params = make_params(cfg)
   p = {k.split("/")[1]: jnp.asarray(v[0]) for k, v in params.items() if k.startswith("layers/")}
@@ -157,14 +157,14 @@ def breakdown_ours(args, cfg, reps=5):
   inv, factor = yarn_inv_freq(cfg)
   cos, sin = layers.rope_cos_sin(jnp.broadcast_to(jnp.arange(T), (B, T)), inv, factor, jnp.float32)
   full, sliding = layers.attention_masks(jnp.ones((B, T), jnp.int32), cfg.sliding_window)
-  kernel = layers.resolve_moe_kernel(args.kernel)
+  kernel = moe_lib.resolve_moe_kernel(args.kernel)
 
   def attn(p, x, mask):
     return jnp.sum(layers.attention(p, x, cos, sin, mask, jnp.float32))
 
   def moe(p, x):
-    y, _ = layers.moe(p, x, top_k=cfg.num_experts_per_tok, limit=cfg.swiglu_limit, alpha=cfg.swiglu_alpha,
-                      kernel=kernel, tile=64 if args.tile is None else args.tile)
+    y, _, _ = moe_lib.moe(p, x, top_k=cfg.num_experts_per_tok, limit=cfg.swiglu_limit, alpha=cfg.swiglu_alpha,
+                          kernel=kernel, tile=64 if args.tile is None else args.tile)
     return jnp.sum(y)
 
   out = {}

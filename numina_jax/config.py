@@ -11,7 +11,7 @@ import ml_collections
 
 from numina_jax.model.transformer import DTYPES, REMAT_POLICIES
 
-MOE_KERNELS = ("auto", "tiled", "ragged", "dense")
+MOE_KERNELS = ("auto", "tiled", "ragged", "gmm", "dense")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -56,8 +56,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.sliding_window = 128  # tiny preset: keys seen by sliding layers (self included)
   c.model.param_dtype = "float32"  # master weights and optimizer state dtype
   c.model.dtype = "bfloat16"  # compute dtype of the forward/backward pass
-  c.model.moe_kernel = "auto"  # auto (tiled on CPU, ragged_dot on TPU/GPU) | tiled | ragged | dense
+  c.model.moe_kernel = "auto"  # auto (tiled on CPU, gmm on TPU, ragged on GPU) | tiled | ragged | gmm | dense
   c.model.moe_tile = 0  # rows per tile of the CPU tiled MoE kernel; 0 = chosen from the shapes
+  c.model.moe_capacity_factor = 0.0  # 0 = dropless; > 0 caps each expert at factor x its even share, counts drops
   c.model.router_aux_loss_coef = 0.0  # weight of the load-balancing loss (the checkpoint's config says 0.9)
   c.model.z_loss_coef = 0.0  # weight of the z-loss (mean squared log-partition) on loss tokens
   c.model.loss_chunk = 512  # sequence chunk for the lm_head + cross-entropy, so full logits never exist at once
@@ -160,6 +161,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   need(m.dtype in DTYPES, "model.dtype", f"{m.dtype!r} is not one of {', '.join(DTYPES)}")
   need(m.moe_kernel in MOE_KERNELS, "model.moe_kernel", f"{m.moe_kernel!r} is not one of {', '.join(MOE_KERNELS)}")
   need(m.moe_tile >= 0, "model.moe_tile", f"must be >= 0 (0 = auto), got {m.moe_tile}")
+  need(m.moe_capacity_factor >= 0, "model.moe_capacity_factor",
+       f"must be >= 0 (0 = dropless), got {m.moe_capacity_factor}")
+  need(not (m.moe_capacity_factor and m.moe_kernel == "dense"), "model.moe_capacity_factor",
+       "needs a grouped moe_kernel (auto, tiled, ragged or gmm); dense is the dropless reference")
   need(m.loss_chunk >= 0, "model.loss_chunk", f"must be >= 0, got {m.loss_chunk}")
   need(m.router_aux_loss_coef >= 0, "model.router_aux_loss_coef", "must be >= 0")
   need(m.z_loss_coef >= 0, "model.z_loss_coef", "must be >= 0")

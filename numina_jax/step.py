@@ -30,6 +30,7 @@ class StepConfig:
   remat_policy: str = "full"
   moe_kernel: str = "auto"
   moe_tile: int = 0
+  moe_capacity_factor: float = 0.0
   loss_chunk: int = 512
   aux_coef: float = 0.0
   z_coef: float = 0.0
@@ -41,7 +42,8 @@ class StepConfig:
     from numina_jax.model.transformer import as_dtype
     micro = cfg.microbatch_size or cfg.global_batch_size
     return cls(model=model_cfg, dtype=as_dtype(cfg.model.dtype), remat_policy=cfg.remat_policy,
-               moe_kernel=cfg.model.moe_kernel, moe_tile=cfg.model.moe_tile, loss_chunk=cfg.model.loss_chunk,
+               moe_kernel=cfg.model.moe_kernel, moe_tile=cfg.model.moe_tile,
+               moe_capacity_factor=cfg.model.moe_capacity_factor, loss_chunk=cfg.model.loss_chunk,
                aux_coef=cfg.model.router_aux_loss_coef, z_coef=cfg.model.z_loss_coef,
                num_microbatches=cfg.global_batch_size // micro)
 
@@ -49,7 +51,7 @@ class StepConfig:
 def _terms(params, batch, sc: StepConfig):
   return loss_terms(params, batch, sc.model, dtype=sc.dtype, remat_policy=sc.remat_policy,
                     moe_kernel=sc.moe_kernel, moe_tile=sc.moe_tile, loss_chunk=sc.loss_chunk,
-                    aux_coef=sc.aux_coef, z_coef=sc.z_coef)
+                    aux_coef=sc.aux_coef, z_coef=sc.z_coef, moe_capacity_factor=sc.moe_capacity_factor)
 
 
 def train_step(state, batch, *, sc: StepConfig, tx: optax.GradientTransformation, schedule):
@@ -107,6 +109,8 @@ def train_step(state, batch, *, sc: StepConfig, tx: optax.GradientTransformation
     metrics["aux_loss"] = m["aux"] / n_micro
   if isinstance(opt_state, optax.ApplyIfFiniteState):
     metrics["skipped_updates"] = opt_state.total_notfinite
+  if sc.moe_capacity_factor:
+    metrics["moe_dropped"] = m["moe_dropped"]  # expert assignments dropped by the capacity limit, whole step
   return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
 

@@ -12,7 +12,7 @@ import torch
 
 from helpers import TINY_SEQ, jit
 from numina_jax.model import REMAT_POLICIES, forward
-from numina_jax.model.layers import load_balancing_loss
+from numina_jax.model.moe import load_balancing_loss
 
 FP32_TOL = 1e-4
 

@@ -170,6 +170,7 @@ def test_bad_override_fails_with_a_clear_message():
     ("remat_policy", "some", "config.remat_policy: 'some' is not one of"),
     ("microbatch_size", 5, "config.microbatch_size: 5 does not divide global_batch_size 32"),
     ("model.moe_kernel", "fast", "config.model.moe_kernel: 'fast' is not one of"),
+    ("model.moe_capacity_factor", -1.0, "config.model.moe_capacity_factor: must be >= 0"),
 ])
 def test_bad_values_are_named(field, value, msg):
   cfg = base_config()

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from numina_jax.model import layers
+from numina_jax.model import layers, moe
 from numina_jax.model.config import GptOssConfig, yarn_inv_freq
 from numina_jax.model.params import PER_LAYER, TOP_LEVEL, ParamSpec, init_value, param_specs
 from numina_jax.sharding import with_logical_constraint
@@ -36,8 +36,10 @@ def as_dtype(d) -> jnp.dtype:
 
 def forward(params: Mapping[str, jax.Array], input_ids_BT, cfg: GptOssConfig, *, positions_BT=None,
             segment_ids_BT=None, dtype=jnp.float32, remat_policy: str = "none", moe_kernel: str = "auto",
-            moe_tile: int = 0, return_router_logits: bool = False, return_hidden: bool = False):
-  """Logits [B, T, V] (and router logits [L, B*T, E] if asked) from a flat `{name: array}` parameter dict.
+            moe_tile: int = 0, moe_capacity_factor: float = 0.0, return_router_logits: bool = False,
+            return_hidden: bool = False, return_moe_dropped: bool = False):
+  """Logits [B, T, V] from a flat `{name: array}` parameter dict, then, if asked, router logits [L, B*T, E] and
+  the number of MoE assignments dropped by `moe_capacity_factor` (over all layers).
 
   `segment_ids` (0 = padding) keep packed documents from attending to each other; `positions` restart per
   document. Both default to a single unpacked sequence.
@@ -45,7 +47,7 @@ def forward(params: Mapping[str, jax.Array], input_ids_BT, cfg: GptOssConfig, *,
   if remat_policy not in REMAT_POLICIES:
     raise ValueError(f"unknown remat_policy {remat_policy!r}; choose one of {', '.join(REMAT_POLICIES)}")
   dtype = as_dtype(dtype)
-  kernel = layers.resolve_moe_kernel(moe_kernel)
+  kernel = moe.resolve_moe_kernel(moe_kernel)
   B, T = input_ids_BT.shape
   if positions_BT is None:
     positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -61,20 +63,21 @@ def forward(params: Mapping[str, jax.Array], input_ids_BT, cfg: GptOssConfig, *,
   cos, sin = layers.rope_cos_sin(positions_BT, inv_freq, attn_factor, dtype)
   full_mask, sliding_mask = layers.attention_masks(segment_ids_BT, cfg.sliding_window)
 
-  layer_fn = functools.partial(layers.decoder_layer, cfg=cfg, dtype=dtype, kernel=kernel, tile=moe_tile)
+  layer_fn = functools.partial(layers.decoder_layer, cfg=cfg, dtype=dtype, kernel=kernel, tile=moe_tile,
+                               capacity_factor=moe_capacity_factor)
 
   def pair(x, pp):
     # pp: per-layer params with a leading axis of 2: the sliding layer, then the full layer.
-    x, logits_s = layer_fn(jax.tree.map(lambda a: a[0], pp), x, cos, sin, sliding_mask)
-    x, logits_f = layer_fn(jax.tree.map(lambda a: a[1], pp), x, cos, sin, full_mask)
-    return x, (jnp.stack([logits_s, logits_f]) if return_router_logits else None)
+    x, logits_s, dropped_s = layer_fn(jax.tree.map(lambda a: a[0], pp), x, cos, sin, sliding_mask)
+    x, logits_f, dropped_f = layer_fn(jax.tree.map(lambda a: a[1], pp), x, cos, sin, full_mask)
+    return x, (jnp.stack([logits_s, logits_f]) if return_router_logits else None, dropped_s + dropped_f)
 
   policy = REMAT_POLICIES[remat_policy]
   if remat_policy != "none":
     pair = jax.checkpoint(pair, policy=policy, prevent_cse=False)
   stacked = {k: params[f"layers/{k}"] for k in PER_LAYER}
   paired = jax.tree.map(lambda a: a.reshape(a.shape[0] // 2, 2, *a.shape[1:]), stacked)
-  x_BTD, router = jax.lax.scan(pair, x_BTD, paired)
+  x_BTD, (router, dropped) = jax.lax.scan(pair, x_BTD, paired)
 
   h_BTD = layers.rms_norm(x_BTD, params["final_norm"], cfg.rms_norm_eps)
   if return_hidden:
@@ -83,9 +86,12 @@ def forward(params: Mapping[str, jax.Array], input_ids_BT, cfg: GptOssConfig, *,
     out = jnp.einsum("btd,dv->btv", h_BTD, params["lm_head"].astype(dtype),
                      preferred_element_type=jnp.float32).astype(dtype)
     out = with_logical_constraint(out, ("batch", "seq", "act_vocab"))
+  extras = []
   if return_router_logits:
-    return out, router.reshape(cfg.num_hidden_layers, B * T, -1)
-  return out
+    extras.append(router.reshape(cfg.num_hidden_layers, B * T, -1))
+  if return_moe_dropped:
+    extras.append(jnp.sum(dropped))
+  return (out, *extras) if extras else out
 
 
 class GptOss(nnx.Module):

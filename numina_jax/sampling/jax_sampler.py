@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from numina_jax.model.config import GptOssConfig
-from numina_jax.model.layers import resolve_moe_kernel
+from numina_jax.model.moe import resolve_moe_kernel
 from numina_jax.model.params import param_specs
 from numina_jax.model.transformer import as_dtype, check_params
 from numina_jax.sampling import kv_cache

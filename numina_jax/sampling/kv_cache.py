@@ -16,7 +16,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from numina_jax.model.config import GptOssConfig, yarn_inv_freq
-from numina_jax.model.layers import apply_rope, dense, moe, resolve_moe_kernel, rms_norm, rope_cos_sin
+from numina_jax.model.layers import apply_rope, dense, rms_norm, rope_cos_sin
+from numina_jax.model.moe import moe, resolve_moe_kernel
 from numina_jax.model.params import PER_LAYER
 from numina_jax.sharding import named_sharding, with_logical_constraint
 
@@ -197,7 +198,7 @@ def extend(params, cache: KVCache, tokens_BC, n_new_B, reset_B, rows_B=None, *, 
     x = x + dense(o, p["o_w"], p["o_b"], "btnh,nhd->btd")
     x = with_logical_constraint(x, ("batch", "seq", "act_embed"))
     h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
-    y, _ = moe(p, h, top_k=cfg.num_experts_per_tok, limit=cfg.swiglu_limit, alpha=cfg.swiglu_alpha,
+    y, _, _ = moe(p, h, top_k=cfg.num_experts_per_tok, limit=cfg.swiglu_limit, alpha=cfg.swiglu_alpha,
                kernel=kernel, tile=moe_tile)
     return with_logical_constraint(x + y, ("batch", "seq", "act_embed")), written
 
