@@ -123,6 +123,10 @@ class JaxSampler:
     self.max_len, self.max_batch = max_len, max_batch
     self.prefill_chunk, self.min_kv_len = prefill_chunk, min_kv_len
     self.progress = progress
+    # Rows split over the batch mesh axes, and the MoE's expert parallelism needs every batch shard to hold rows:
+    # cache and prefill batches are rounded up to a multiple of those axes (idle rows cost compute, not results).
+    self.row_multiple = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in ("data", "fsdp", "expert")
+                                                                if a in mesh.shape]))
     if mesh is not None:
       from numina_jax.sharding import param_shardings
       shardings = param_shardings(specs, mesh)
@@ -238,8 +242,12 @@ class JaxSampler:
   def _show_progress(self) -> bool:
     return sys.stderr.isatty() if self.progress is None else bool(self.progress)
 
+  def _rows_for(self, n: int) -> int:
+    """`n` rounded up to a multiple of the batch mesh axes."""
+    return -(-n // self.row_multiple) * self.row_multiple
+
   def _run(self, rows: list[_Row]) -> None:
-    B = min(self.max_batch, _pow2(len(rows)))
+    B = self._rows_for(min(self.max_batch, _pow2(len(rows))))
     cache = kv_cache.init_cache(self.cfg, B, self.max_len, self.dtype, self.mesh)
     slot_row = [-1] * B  # the row decoding in each slot
     length = [0] * B  # tokens cached per slot (host copy of cache.length)
@@ -309,7 +317,7 @@ class JaxSampler:
       groups.setdefault(rows[r].tokens, []).append(j)
     uniq = list(groups)
     first_slots = [slots[groups[t][0]] for t in uniq]
-    b = min(B, _pow2(len(uniq)))
+    b = min(B, self._rows_for(_pow2(len(uniq))))
     others = [s for s in range(B) if s not in set(first_slots)]
     prefill_slots = first_slots + others[:b - len(uniq)]  # padding rows: distinct slots, nothing written
     lengths = [len(t) for t in uniq]
