@@ -8,6 +8,7 @@ from typing import Iterable
 
 import ml_collections
 
+from numina_jax.model.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from numina_jax.model.transformer import DTYPES, REMAT_POLICIES
 
 MOE_KERNELS = ("auto", "tiled", "ragged", "dense")
@@ -57,6 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "bfloat16"  # compute dtype of the forward/backward pass
   c.model.moe_kernel = "auto"  # auto (tiled on CPU, ragged_dot on TPU/GPU) | tiled | ragged | dense
   c.model.moe_tile = 0  # rows per tile of the CPU tiled MoE kernel; 0 = chosen from the shapes
+  c.model.attention = "auto"  # auto (splash on TPU, xla elsewhere) | xla (blockwise) | dense (reference) | splash
   c.model.router_aux_loss_coef = 0.0  # weight of the load-balancing loss (the checkpoint's config says 0.9)
   c.model.z_loss_coef = 0.0  # weight of the z-loss (mean squared log-partition) on loss tokens
   c.model.loss_chunk = 512  # sequence chunk for the lm_head + cross-entropy, so full logits never exist at once
@@ -150,6 +152,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   need(m.dtype in DTYPES, "model.dtype", f"{m.dtype!r} is not one of {', '.join(DTYPES)}")
   need(m.moe_kernel in MOE_KERNELS, "model.moe_kernel", f"{m.moe_kernel!r} is not one of {', '.join(MOE_KERNELS)}")
   need(m.moe_tile >= 0, "model.moe_tile", f"must be >= 0 (0 = auto), got {m.moe_tile}")
+  need(m.attention in ATTENTION_IMPLEMENTATIONS, "model.attention",
+       f"{m.attention!r} is not one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
   need(m.loss_chunk >= 0, "model.loss_chunk", f"must be >= 0, got {m.loss_chunk}")
   need(m.router_aux_loss_coef >= 0, "model.router_aux_loss_coef", "must be >= 0")
   need(m.z_loss_coef >= 0, "model.z_loss_coef", "must be >= 0")

@@ -36,12 +36,13 @@ def lm_head_ce(h_BTD, lm_head_DV, targets_BT, mask_BT, *, chunk: int, dtype):
 
 
 def loss_terms(params, batch, model_cfg, *, dtype, remat_policy, moe_kernel, moe_tile, loss_chunk,
-               aux_coef: float, z_coef: float):
+               aux_coef: float, z_coef: float, attention: str = "auto"):
   """Per-batch sums: (weighted loss sum, metrics). Dividing by the global loss-token count gives the mean."""
   need_router = aux_coef > 0
   out = forward(params, batch["input_ids"], model_cfg, positions_BT=batch["positions"],
                 segment_ids_BT=batch["segment_ids"], dtype=dtype, remat_policy=remat_policy,
-                moe_kernel=moe_kernel, moe_tile=moe_tile, return_router_logits=need_router, return_hidden=True)
+                moe_kernel=moe_kernel, moe_tile=moe_tile, attention=attention, return_router_logits=need_router,
+                return_hidden=True)
   h, router = out if need_router else (out, None)
   mask = batch["loss_mask"].astype(jnp.float32)
   ce_sum, z_sum = lm_head_ce(h, params["lm_head"], batch["targets"], mask, chunk=loss_chunk, dtype=dtype)
