@@ -9,6 +9,7 @@ from typing import Iterable
 
 import ml_collections
 
+from numina_jax.model.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from numina_jax.model.transformer import DTYPES, REMAT_POLICIES
 
 MOE_KERNELS = ("auto", "tiled", "ragged", "gmm", "dense")
@@ -59,6 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.moe_kernel = "auto"  # auto (tiled on CPU, gmm on TPU, ragged on GPU) | tiled | ragged | gmm | dense
   c.model.moe_tile = 0  # rows per tile of the CPU tiled MoE kernel; 0 = chosen from the shapes
   c.model.moe_capacity_factor = 0.0  # 0 = dropless; > 0 caps each expert at factor x its even share, counts drops
+  c.model.attention = "auto"  # auto (splash on TPU, xla elsewhere) | xla (blockwise) | dense (reference) | splash
   c.model.router_aux_loss_coef = 0.0  # weight of the load-balancing loss (the checkpoint's config says 0.9)
   c.model.z_loss_coef = 0.0  # weight of the z-loss (mean squared log-partition) on loss tokens
   c.model.loss_chunk = 512  # sequence chunk for the lm_head + cross-entropy, so full logits never exist at once
@@ -165,6 +167,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
        f"must be >= 0 (0 = dropless), got {m.moe_capacity_factor}")
   need(not (m.moe_capacity_factor and m.moe_kernel == "dense"), "model.moe_capacity_factor",
        "needs a grouped moe_kernel (auto, tiled, ragged or gmm); dense is the dropless reference")
+  need(m.attention in ATTENTION_IMPLEMENTATIONS, "model.attention",
+       f"{m.attention!r} is not one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
   need(m.loss_chunk >= 0, "model.loss_chunk", f"must be >= 0, got {m.loss_chunk}")
   need(m.router_aux_loss_coef >= 0, "model.router_aux_loss_coef", "must be >= 0")
   need(m.z_loss_coef >= 0, "model.z_loss_coef", "must be >= 0")

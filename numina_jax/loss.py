@@ -36,14 +36,15 @@ def lm_head_ce(h_BTD, lm_head_DV, targets_BT, mask_BT, *, chunk: int, dtype):
 
 
 def loss_terms(params, batch, model_cfg, *, dtype, remat_policy, moe_kernel, moe_tile, loss_chunk,
-               aux_coef: float, z_coef: float, moe_capacity_factor: float = 0.0):
+               aux_coef: float, z_coef: float, moe_capacity_factor: float = 0.0, attention: str = "auto"):
   """Per-batch sums: (weighted loss sum, metrics). Dividing by the global loss-token count gives the mean."""
   need_router = aux_coef > 0
   need_dropped = moe_capacity_factor > 0
   out = forward(params, batch["input_ids"], model_cfg, positions_BT=batch["positions"],
                 segment_ids_BT=batch["segment_ids"], dtype=dtype, remat_policy=remat_policy,
                 moe_kernel=moe_kernel, moe_tile=moe_tile, moe_capacity_factor=moe_capacity_factor,
-                return_router_logits=need_router, return_hidden=True, return_moe_dropped=need_dropped)
+                attention=attention, return_router_logits=need_router, return_hidden=True,
+                return_moe_dropped=need_dropped)
   out = list(out) if (need_router or need_dropped) else [out]
   h = out.pop(0)
   router = out.pop(0) if need_router else None

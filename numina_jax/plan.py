@@ -94,6 +94,7 @@ def make_plan(cfg, model_cfg, devices) -> Plan:
   import numpy as np
   from jax.sharding import NamedSharding, PartitionSpec as P
 
+  from numina_jax.model.attention import resolve_attention, splash_train_flops
   from numina_jax.model.params import count_params, param_specs
   from numina_jax.model.transformer import as_dtype
   from numina_jax.optim import make_optimizer
@@ -126,10 +127,16 @@ def make_plan(cfg, model_cfg, devices) -> Plan:
   step = jit_train_step(sc, tx, schedule, state_shard, mesh, host_flags=True)
   with jax.set_mesh(mesh):
     compiled = step.lower(state_abs, batch_abs, flags_abs).compile()
+    splash = resolve_attention(cfg.model.attention) == "splash"
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   if isinstance(cost, list):
     cost = cost[0] if cost else {}
+  flops = (cost or {}).get("flops")
+  if flops and splash:  # the Pallas kernels carry no cost estimate
+    micro = cfg.microbatch_size or cfg.global_batch_size
+    flops += splash_train_flops(model_cfg, micro, cfg.seq_len, mesh, recompute=cfg.remat_policy != "none") \
+        * (cfg.global_batch_size // micro)
 
   def per_device_bytes(tree) -> float:
     total = 0.0
@@ -148,7 +155,7 @@ def make_plan(cfg, model_cfg, devices) -> Plan:
       state_bytes_per_device=per_device_bytes({"p": state_abs["params"], "o": state_abs["opt_state"]}),
       argument_bytes=arg, output_bytes=out, alias_bytes=alias, temp_bytes=temp,
       peak_bytes=arg + temp + max(out - alias, 0.0), hbm_bytes=device_memory(devices[0]),
-      flops_per_device=(cost or {}).get("flops"), tokens_per_step=shape[0] * shape[1])
+      flops_per_device=flops, tokens_per_step=shape[0] * shape[1])
 
 
 def model_config_from(cfg, model_config_path: str | None):

@@ -31,6 +31,7 @@ class StepConfig:
   moe_kernel: str = "auto"
   moe_tile: int = 0
   moe_capacity_factor: float = 0.0
+  attention: str = "auto"
   loss_chunk: int = 512
   aux_coef: float = 0.0
   z_coef: float = 0.0
@@ -43,14 +44,15 @@ class StepConfig:
     micro = cfg.microbatch_size or cfg.global_batch_size
     return cls(model=model_cfg, dtype=as_dtype(cfg.model.dtype), remat_policy=cfg.remat_policy,
                moe_kernel=cfg.model.moe_kernel, moe_tile=cfg.model.moe_tile,
-               moe_capacity_factor=cfg.model.moe_capacity_factor, loss_chunk=cfg.model.loss_chunk,
+               moe_capacity_factor=cfg.model.moe_capacity_factor, attention=cfg.model.attention,
+               loss_chunk=cfg.model.loss_chunk,
                aux_coef=cfg.model.router_aux_loss_coef, z_coef=cfg.model.z_loss_coef,
                num_microbatches=cfg.global_batch_size // micro)
 
 
 def _terms(params, batch, sc: StepConfig):
   return loss_terms(params, batch, sc.model, dtype=sc.dtype, remat_policy=sc.remat_policy,
-                    moe_kernel=sc.moe_kernel, moe_tile=sc.moe_tile, loss_chunk=sc.loss_chunk,
+                    moe_kernel=sc.moe_kernel, moe_tile=sc.moe_tile, attention=sc.attention, loss_chunk=sc.loss_chunk,
                     aux_coef=sc.aux_coef, z_coef=sc.z_coef, moe_capacity_factor=sc.moe_capacity_factor)
 
 

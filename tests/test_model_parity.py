@@ -85,6 +85,16 @@ def test_fp32_logits_match_transformers(tiny_hf, hf_ref, kernel, tile):
   np.testing.assert_allclose(out, ref, atol=FP32_TOL, rtol=0)
 
 
+@pytest.mark.parametrize("attention", ["xla", "dense"])
+def test_fp32_long_sequence_matches_transformers(tiny_hf, attention):
+  # 300 tokens: sliding layers run five 64-query blocks, full layers the folded triangle of two 150-token
+  # blocks (the 23-token tests fit in one block, where the xla path is the dense one).
+  model, cfg, params = tiny_hf
+  ids = _ids(cfg, batch=1, seq=300, seed=6)
+  out = _fwd(cfg, params, ids, attention=attention)
+  np.testing.assert_allclose(out, _hf_logits(model, ids), atol=FP32_TOL, rtol=0)
+
+
 def test_yarn_long_positions_match_transformers(tiny_hf):
   # RoPE sees only position differences, so the rows use strides: row 0 crosses
   # original_max_position_embeddings (64), row 1 spans most of the scaled range (up to 2048).
