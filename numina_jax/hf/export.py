@@ -4,6 +4,7 @@ config, and optionally the tokenizer."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -14,6 +15,7 @@ from typing import Any, Iterator, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from numina_jax import storage
@@ -53,8 +55,40 @@ def parse_size(size: int | str) -> int:
 def _fetch(x, index: tuple, np_dtype: np.dtype) -> np.ndarray:
   """One slice of a (possibly sharded, on-device) array, cast on the device, copied to the host."""
   if isinstance(x, jax.Array):
+    if not x.is_fully_addressable:
+      return _gather(x, index, np_dtype)
     return np.asarray(jax.device_get(x[index].astype(np_dtype)))
   return np.asarray(x[index]).astype(np_dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _replicating_slice(mesh):
+  def take(x, starts, *, sizes, dtype):
+    return jax.lax.dynamic_slice(x, starts, sizes).astype(dtype)
+  return jax.jit(take, static_argnames=("sizes", "dtype"), out_shardings=NamedSharding(mesh, P()))
+
+
+def _gather(x: jax.Array, index: tuple, np_dtype: np.dtype) -> np.ndarray:
+  """A slice of an array sharded over several processes: every process runs this collective (the slice is
+  replicated to all of them), so every process must fetch the same slices in the same order."""
+  if not isinstance(x.sharding, NamedSharding):
+    raise TypeError(f"cannot gather an array with {type(x.sharding).__name__} across processes; use a NamedSharding")
+  index = index + (slice(None),) * (x.ndim - len(index))
+  starts, sizes, squeeze = [], [], []
+  for axis, (i, n) in enumerate(zip(index, x.shape)):
+    if isinstance(i, slice):
+      lo, hi, step = i.indices(n)
+      assert step == 1, index
+      starts.append(lo)
+      sizes.append(hi - lo)
+    else:
+      starts.append(int(i))
+      sizes.append(1)
+      squeeze.append(axis)
+  # Start indices are traced, so each (shape, dtype) of slice compiles once, not once per layer or row block.
+  out = _replicating_slice(x.sharding.mesh)(x, np.asarray(starts, np.int32), sizes=tuple(sizes),
+                                            dtype=np.dtype(np_dtype).name)
+  return np.asarray(out.addressable_data(0)).reshape([s for a, s in enumerate(sizes) if a not in squeeze])
 
 
 def _hf_chunks(params: Mapping[str, Any], cfg: GptOssConfig, entry: keymap.Entry, layer: int | None,
@@ -141,7 +175,8 @@ def save_pretrained(model_or_params, out_dir: str, dtype=jnp.bfloat16, *, cfg: G
 
   Each HF tensor is one layer's slice copied from the devices (the experts and embeddings in row blocks), so
   the host holds one tensor at a time. `tokenizer` is a tokenizer object or a path/Hub id to copy it from.
-  Refuses a non-empty `out_dir` unless `overwrite`.
+  Refuses a non-empty `out_dir` unless `overwrite`. On several hosts every host must call this with the same
+  parameters: each tensor is gathered from its shards on all hosts, and process 0 writes the files.
   """
   if isinstance(model_or_params, Mapping):
     params = model_or_params
@@ -161,9 +196,17 @@ def save_pretrained(model_or_params, out_dir: str, dtype=jnp.bfloat16, *, cfg: G
   if np_dtype.name not in _ST_DTYPES:
     raise ValueError(f"cannot export in {np_dtype.name}; choose one of {', '.join(_ST_DTYPES)}")
   st_dtype = _ST_DTYPES[np_dtype.name]
+  shards = _plan(cfg, np_dtype.itemsize, parse_size(max_shard_size))
+  if jax.process_index() != 0:
+    # Parameters sharded over several hosts are gathered tensor by tensor with all hosts taking part; only
+    # process 0 writes.
+    for items in shards:
+      for _, entry, layer in items:
+        for _ in _hf_chunks(params, cfg, entry, layer, np_dtype):
+          pass
+    return out_dir
   _prepare_dir(out_dir, overwrite)
 
-  shards = _plan(cfg, np_dtype.itemsize, parse_size(max_shard_size))
   weight_map, total = {}, 0
   with tqdm(total=sum(len(s) for s in shards), desc="writing tensors", unit="tensor",
             disable=not progress) as bar:
