@@ -45,6 +45,7 @@ def get_config(stage: str = "cot"):
   c.mesh.tensor = 2
 
   c.multihost = True  # v5p-128 has 16 hosts
+  c.topology = "v5p:4x4x4"  # what `python -m numina_jax.plan --config configs/oss120b_v5.py` compiles for
 
   if stage == "cot":
     c.stage = "cot"

@@ -39,6 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.export_dtype = "bfloat16"  # dtype of the exported weights
   c.plot = True  # write workdir/training.png (loss and learning rate) at the end
   c.progress_bar = True  # show a tqdm progress bar on host 0
+  c.topology = ""  # TPU slice the config is written for, e.g. v5p:4x4x4 (what numina_jax.plan compiles for); "" = local
 
   c.model = ml_collections.ConfigDict()
   c.model.hf_path = ""  # Hugging Face checkpoint (hub id or local dir) to start from; "" = see init_checkpoint
@@ -157,6 +158,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
        f"{cfg.remat_policy!r} is not one of {', '.join(REMAT_POLICIES)}")
   need(cfg.stage in ("cot", "tir"), "stage", f"{cfg.stage!r} is not one of cot, tir")
   need(bool(cfg.workdir), "workdir", "must be set")
+  need(cfg.topology == "" or re.fullmatch(r"v[0-9a-z]+:[0-9]+(x[0-9]+)*", cfg.topology) is not None, "topology",
+       f"{cfg.topology!r} is not a TPU slice such as v5p:4x4x4 (or '' for the local devices)")
   need(cfg.export_dtype in DTYPES, "export_dtype", f"{cfg.export_dtype!r} is not one of {', '.join(DTYPES)}")
   m = cfg.model
   need(m.param_dtype in DTYPES, "model.param_dtype", f"{m.param_dtype!r} is not one of {', '.join(DTYPES)}")

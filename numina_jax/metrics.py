@@ -3,6 +3,7 @@ accounting for MFU."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -20,37 +21,87 @@ from numina_jax import storage
 log = logging.getLogger("numina_jax")
 METRICS_FILE = "metrics.jsonl"
 
-# Dense bf16 peak FLOP/s per chip (vendor figures); CPU figure is the measured fp32 matmul rate per core here.
-PEAK_FLOPS = {
-    "tpu v4": 275e12, "tpu v5 lite": 197e12, "tpu v5e": 197e12, "tpu v5p": 459e12, "tpu v5": 459e12,
-    "tpu v6 lite": 918e12, "tpu v6e": 918e12, "tpu7x": 2307e12,
-    "h100": 989e12, "h200": 989e12, "a100": 312e12, "b200": 2250e12,
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """One accelerator's vendor figures, for MFU and the plan's roofline."""
+  peak_flops: float  # dense bf16 FLOP/s
+  hbm_gib: float  # memory capacity
+  hbm_bytes_per_s: float  # memory bandwidth
+  ici_bytes_per_s: float  # chip-to-chip bandwidth of all its links, both directions together
+
+
+# Keys are matched against `device.device_kind` in lower case, longest first (a v5p reports "TPU v5", a v5e
+# "TPU v5 lite", a v6e "TPU v6 lite").
+CHIPS = {
+    # cloud.google.com/tpu/docs/v4: 275 TFLOP/s, 32 GiB at 1200 GB/s; ICI: 6 links at 45 GB/s each way
+    # (jax-ml.github.io/scaling-book, "How to think about TPUs").
+    "tpu v4": Chip(275e12, 32, 1200e9, 540e9),
+    # cloud.google.com/tpu/docs/v5e: 197 TFLOP/s, 16 GB at 819 GB/s, 400 GB/s bidirectional ICI per chip.
+    "tpu v5 lite": Chip(197e12, 16, 819e9, 400e9),
+    "tpu v5e": Chip(197e12, 16, 819e9, 400e9),
+    # cloud.google.com/tpu/docs/v5p: 459 TFLOP/s, 95 GiB at 2765 GB/s, 1200 GB/s bidirectional ICI per chip.
+    "tpu v5": Chip(459e12, 95, 2765e9, 1200e9),
+    "tpu v5p": Chip(459e12, 95, 2765e9, 1200e9),
+    # cloud.google.com/tpu/docs/v6e: 918 TFLOP/s, 32 GB at 1638 GB/s, 800 GB/s bidirectional ICI per chip.
+    "tpu v6 lite": Chip(918e12, 32, 1638e9, 800e9),
+    "tpu v6e": Chip(918e12, 32, 1638e9, 800e9),
+    # cloud.google.com/tpu/docs/tpu7x (Ironwood): 2307 TFLOP/s bf16, 192 GiB at 7.37 TB/s, 1.2 TB/s ICI.
+    "tpu7x": Chip(2307e12, 192, 7370e9, 1200e9),
+    # NVIDIA datasheets (SXM parts): dense bf16, HBM, NVLink bandwidth both directions.
+    "h100": Chip(989e12, 80, 3350e9, 900e9),
+    "h200": Chip(989e12, 141, 4800e9, 900e9),
+    "a100": Chip(312e12, 80, 2039e9, 600e9),
+    "b200": Chip(2250e12, 192, 8000e9, 1800e9),
 }
-CPU_FLOPS_PER_CORE = 117e9
+PEAK_FLOPS = {k: c.peak_flops for k, c in CHIPS.items()}
+CPU_FLOPS_PER_CORE = 117e9  # the measured fp32 matmul rate per core here
+
+
+def chip(device_kind: str) -> Chip | None:
+  """The figures of a device kind (`device.device_kind`), or None for an unknown one (CPUs)."""
+  kind = device_kind.lower()
+  for name, c in sorted(CHIPS.items(), key=lambda kv: -len(kv[0])):
+    if name in kind:
+      return c
+  return None
 
 
 def peak_flops_per_device() -> float:
   dev = jax.devices()[0]
-  kind = str(getattr(dev, "device_kind", "")).lower()
   if dev.platform == "cpu":
     return CPU_FLOPS_PER_CORE * (os.cpu_count() or 1) / max(jax.local_device_count(), 1)
-  for name, flops in sorted(PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
-    if name in kind:
-      return flops
-  return 0.0
+  c = chip(str(getattr(dev, "device_kind", "")))
+  return c.peak_flops if c else 0.0
+
+
+def mean_keys(seq_len: int, window: int | None) -> float:
+  """Keys a query attends to, averaged over the positions of a causal sequence (window: the last `window`
+  keys, self included)."""
+  T = seq_len
+  if window is None or window >= T:
+    return (T + 1) / 2
+  return (window * (window + 1) / 2 + (T - window) * window) / T
 
 
 def flops_per_token(cfg, seq_len: int) -> float:
-  """Training FLOPs per token: 6 x active matmul parameters + causal attention (scores and values)."""
+  """The model's training FLOPs per token: 3 x forward (forward, and backward at twice the forward).
+
+  Forward per token: 2 x the active matmul parameters (attention q, k, v, o; the router; top-k experts'
+  gate, up and down; the lm_head; not the embedding lookup) plus, per layer, 4 x heads x head_dim x the keys the
+  query attends to (scores q.k and the weighted sum of v), with causal keys counted exactly: (T + 1) / 2 on
+  full layers, the window on sliding ones (fewer near the start). Sequences are taken as one document: packing
+  masks more, which no kernel here skips. Remat recomputation and any other work the compiled step adds are not
+  counted: this is the figure MFU divides by.
+  """
   D, I, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
   attn_params = D * (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim \
       + cfg.num_attention_heads * cfg.head_dim * D
   expert_params = cfg.num_experts_per_tok * 3 * D * I + D * cfg.num_local_experts
   active = L * (attn_params + expert_params) + D * cfg.vocab_size
-  # Sliding layers see at most `window` keys; full layers on average seq_len / 2.
-  keys = (min(cfg.sliding_window, seq_len) + seq_len / 2) / 2
-  attn = L * 2 * 2 * cfg.num_attention_heads * cfg.head_dim * keys
-  return 6 * active + 3 * attn
+  # Layers alternate sliding, full (layer 0 slides).
+  keys = (L // 2) * (mean_keys(seq_len, cfg.sliding_window) + mean_keys(seq_len, None))
+  attn = 4 * cfg.num_attention_heads * cfg.head_dim * keys
+  return 3 * (2 * active + attn)
 
 
 class MetricWriter:
