@@ -211,13 +211,15 @@ def test_capacity_drops_hand_computed():
   assert np.all(np.delete(out, kept_rows, axis=0) == 0)
 
 
-def test_capacity_equals_dense_with_the_dropped_assignments_removed(reference):
+@pytest.mark.parametrize("shape", [{"expert": 4, "fsdp": 2}, {"expert": 4, "tensor": 2}],
+                         ids=["expert=4,fsdp=2", "expert=4,tensor=2"])
+def test_capacity_equals_dense_with_the_dropped_assignments_removed(reference, shape):
   p, x, cot, _ = reference
   factor = 1.0
   h = np.asarray(x).reshape(B * T, -1)
   _, idx, _ = moe.route(p, jnp.asarray(h), CFG.num_experts_per_tok)
-  mesh = make_mesh({"expert": 4, "fsdp": 2})
-  group = 4 * (B * T // 8)
+  mesh = make_mesh(shape)
+  group = 4 * (B * T // (8 // shape.get("tensor", 1)))  # tokens split over the axes other than tensor
   capacity = math.ceil(factor * group * CFG.num_experts_per_tok / CFG.num_local_experts)
   keep = _kept(np.asarray(idx), group, capacity)
   assert 0 < (~keep).sum() < keep.size // 4  # some drops, not most

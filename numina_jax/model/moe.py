@@ -103,6 +103,12 @@ def _ffn_ragged(x_MD, sizes_F, expert_M, w, limit, alpha):
   return _ffn(x_MD, mm, lambda name: w[name].astype(x_MD.dtype)[expert_M], limit, alpha)
 
 
+# Megablox tiles (rows, contraction, output): the kernel reads the rows once per output tile and the weights once
+# per row tile, so 128^3 tiles (its default) read the 120b layer's weights ~500 times per grouped matmul; these
+# (MaxText's defaults) cut that 4x and the row re-reads 6x, in ~12 MiB of VMEM with double buffering.
+GMM_TILE = (512, 512, 1024)
+
+
 def _ffn_gmm(x_MD, sizes_F, expert_M, w, limit, alpha, interpret: bool):
   """The Pallas megablox grouped matmul (TPU; `interpret` runs it on CPU). Its row count must divide by the row
   tile, so the rows are padded. The kernel leaves rows outside every group unwritten, in its output and in its
@@ -110,7 +116,7 @@ def _ffn_gmm(x_MD, sizes_F, expert_M, w, limit, alpha, interpret: bool):
   from jax.experimental.pallas.ops.tpu import megablox
 
   M = x_MD.shape[0]
-  tm = min(128, -(-M // 8) * 8)
+  tm = min(GMM_TILE[0], -(-M // 8) * 8)
   pad = -M % tm
   valid = (jnp.arange(M) < jnp.sum(sizes_F))[:, None]
 
@@ -120,7 +126,7 @@ def _ffn_gmm(x_MD, sizes_F, expert_M, w, limit, alpha, interpret: bool):
     lhs = jnp.pad(jnp.where(valid, x, 0), ((0, pad), (0, 0)))
     # The kernel accumulates in fp32 and rounds once on store: gate/up come out in the compute dtype directly.
     out = megablox.gmm(lhs, rhs, sizes_F, preferred_element_type=F32 if name == "down_w" else x.dtype,
-                       tiling=(tm, min(128, k), min(128, n)), interpret=interpret)
+                       tiling=(tm, min(GMM_TILE[1], k), min(GMM_TILE[2], n)), interpret=interpret)
     return jnp.where(valid, out[:M], 0)
   return _ffn(x_MD, mm, lambda name: w[name].astype(x_MD.dtype)[expert_M], limit, alpha)
 
@@ -154,10 +160,11 @@ def _ffn_tiled(x_MD, sizes_F, expert_M, w, limit, alpha, tile: int):
 
 
 def grouped_ffn(x_MD, sizes_F, w, *, kernel: str, tile: int, limit: float, alpha: float, interpret: bool = False,
-                reduce=None):
+                reduce=None, partial: bool = False):
   """Expert FFN on rows sorted by expert: rows [start_f, start_f + sizes_F[f]) go through expert f (of the F
   in `w`); rows past sum(sizes_F) are padding and come out as zeros. `reduce` (tensor parallelism) maps the fp32
-  partial down projection [M, D] to its reduced [M, D'] before rounding; `w["down_b"]` is [F, D']."""
+  partial down projection [M, D] to its reduced [M, D'] before rounding; `w["down_b"]` is [F, D']. `partial`
+  returns that fp32 partial projection as is (no reduce, bias or rounding), for a caller that reduces later."""
   M = x_MD.shape[0]
   F = sizes_F.shape[0]
   rows = jnp.arange(M)
@@ -171,6 +178,8 @@ def grouped_ffn(x_MD, sizes_F, w, *, kernel: str, tile: int, limit: float, alpha
     y = _ffn_gmm(x_MD, sizes_F, expert_M, w, limit, alpha, interpret)
   else:
     raise ValueError(f"grouped_ffn: unknown kernel {kernel!r}")
+  if partial:
+    return jnp.where((rows < end_F[-1])[:, None], y, 0)
   if reduce is not None:
     y = reduce(y)
   y = y.astype(x_MD.dtype) + w["down_b"].astype(x_MD.dtype)[expert_M]
@@ -302,9 +311,17 @@ def _expert_block(w, h_XD, idx_XK, weights_XK, *, kernel, tile, limit, alpha, ca
                           total_repeat_length=buffer_rows)
     expert_R = jnp.where(jnp.arange(buffer_rows) < jnp.sum(recv_S), expert_R, F)
     perm_R = jnp.argsort(expert_R, stable=True)
-    ys_RD = ffn(x_RD[perm_R], recv_SF.sum(0))
+    # With tensor parallelism the partial down projections travel back in fp32 and are reduced over the A
+    # assignments, not over the R-row buffer sized for the worst case (ep x min(k, F) / k times as many rows).
+    ys_RD = ffn(x_RD[perm_R], recv_SF.sum(0), partial=bool(tp_axes))
     y_RD = jnp.zeros_like(ys_RD).at[perm_R].set(ys_RD, unique_indices=True)
-    ys_AD = a2a(y_RD, jnp.zeros((A, y_RD.shape[1]), dt), recv_off_S, recv_S, back_S, send_S, axis_name=ep_axes)
+    ys_AD = a2a(y_RD, jnp.zeros((A, y_RD.shape[1]), y_RD.dtype), recv_off_S, recv_S, back_S, send_S,
+                axis_name=ep_axes)
+    if tp_axes:
+      key_sorted_A = key_A[order_A]  # the expert of each returned row; E + e for a dropped one
+      bias_ED = jax.lax.all_gather(w["down_b"], ep_axes, axis=0, tiled=True)
+      ys_AD = reduce(ys_AD).astype(dt) + bias_ED.astype(dt)[jnp.minimum(key_sorted_A, E - 1)]
+      ys_AD = jnp.where((key_sorted_A < E)[:, None], ys_AD, 0)
 
   y_AD = jnp.zeros_like(ys_AD).at[order_A].set(ys_AD, unique_indices=True)
   return combine(y_AD.reshape(X, K, -1), weights_XK), dropped
