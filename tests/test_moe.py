@@ -341,20 +341,20 @@ def test_two_processes_with_the_expert_axis_across_them():
 
 
 # The real op, compiled for a TPU slice ---------------------------------------------------------------------------
-def test_tpu_compile_keeps_ragged_all_to_all_and_local_rows():
+def _tpu_moe_hlo(shape: dict, xb: int, xt: int) -> str:
+  """The compiled TPU HLO of one MoE layer's forward (ragged kernel) on a v5p:2x2x1 mesh of `shape`."""
   try:
     from jax.experimental import topologies
     devices = list(topologies.get_topology_desc(topology_name="v5p:2x2x1", platform="tpu").devices)
   except Exception as e:  # no libtpu
     pytest.skip(f"needs libtpu to compile for a TPU topology ({type(e).__name__}: {e})")
-  mesh = make_mesh({"expert": 2, "fsdp": 2}, devices)
+  mesh = make_mesh(shape, devices)
   cfg = tiny_config(hidden_size=128, intermediate_size=128, num_local_experts=8, num_experts_per_tok=2)
   axes = _layer_axes(cfg)
   shapes = {k.split("/")[1]: s.shape[1:] for k, s in param_specs(cfg).items() if k.startswith("layers/")}
   p = {k: jax.ShapeDtypeStruct(shapes[k], jnp.bfloat16,
                                sharding=NamedSharding(mesh, logical_to_spec(axes[k], mesh=mesh, shape=shapes[k])))
        for k in list(moe.EXPERT_PARAMS) + ["router_w", "router_b"]}
-  xb, xt = 4, 32
   x = jax.ShapeDtypeStruct((xb, xt, 128), jnp.bfloat16,
                            sharding=NamedSharding(mesh, logical_to_spec(("batch", None, None), mesh=mesh,
                                                                         shape=(xb, xt, 128))))
@@ -363,7 +363,30 @@ def test_tpu_compile_keeps_ragged_all_to_all_and_local_rows():
     return moe.moe(p, x, top_k=2, limit=LIMIT, alpha=ALPHA, kernel="ragged")[0]
 
   with jax.set_mesh(mesh):
-    hlo = jax.jit(f).lower(p, x).compile().as_text()
+    return jax.jit(f).lower(p, x).compile().as_text()
+
+
+def test_tpu_tensor_reduce_runs_over_the_assignments_not_the_buffer():
+  # expert 2 x tensor 2: tokens split over the 2 expert shards, 32 x 32 / 2 = 512 each, 1024 assignments (k 2);
+  # the receive buffer is 2 peers x 512 x min(2, 4 local experts) = 2048 rows. The partial down projections come
+  # back first and are reduced over the tensor axis on the 1024 assignment rows.
+  from numina_jax import hlo
+  text = _tpu_moe_hlo({"expert": 2, "tensor": 2}, 32, 32)
+  module = hlo.parse_module(text)
+  reduced_rows = set()
+  for comp in module.computations.values():
+    for ins in comp.instructions.values():
+      kind = ins.opcode.removesuffix("-start")
+      if kind in ("all-reduce", "reduce-scatter") and ins.operands:
+        dims = hlo.shape_dims(comp.instructions[ins.operands[0]].shape)
+        if dims[-1] == 128:
+          reduced_rows.add(dims[0])
+  assert reduced_rows == {1024}, reduced_rows
+
+
+def test_tpu_compile_keeps_ragged_all_to_all_and_local_rows():
+  xb, xt = 4, 32
+  hlo = _tpu_moe_hlo({"expert": 2, "fsdp": 2}, xb, xt)
   assert hlo.count("ragged-all-to-all(") == 2  # dispatch and return
   # Each chip's grouped matmuls see its worst-case receive buffer: 2 peers x 32 local tokens x min(k=2, 4 local
   # experts) = 128 rows, not the 128 x 2 = 256 assignments of the whole batch.
