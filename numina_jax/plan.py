@@ -48,9 +48,11 @@ class Plan:
   useful_flops: float  # compiled, with the grouped matmuls at the mean routed rows instead of their whole buffer
   cost_analysis_flops: float  # XLA's own figure for the program: each loop body once (for reference)
   hbm_traffic_bytes: float  # bytes the step reads and writes in HBM (cost model, loops times trips, kernels)
+  kernel_bytes: dict[str, float]  # of which the Pallas kernels' estimates (megablox: its whole buffer)
+  useful_hbm_bytes: float  # hbm_traffic_bytes with the grouped matmuls at the mean routed rows
   collectives: dict[str, dict[str, float]]  # kind -> {count, bytes, ici_bytes} per device per step
   unknown_loops: list[str]  # loops whose trip count could not be read (counted once)
-  roofline: dict[str, float]  # compute_s (useful FLOPs), hbm_s, ici_s, step_s, mfu; 0 for an unknown chip
+  roofline: dict[str, float]  # compute_s, hbm_s (both at the routed rows), ici_s, step_s, mfu; 0: unknown chip
 
   @property
   def fits(self) -> bool | None:
@@ -89,6 +91,8 @@ class Plan:
       rows.append(("  at the mean routed rows", f"{self.useful_flops:.3e} ({self.useful_flops / self.model_flops:.2f}"
                    " x model)"))
     rows.append(("HBM traffic / device / step", f"{self.hbm_traffic_bytes / g:.1f} GiB"))
+    if self.useful_hbm_bytes != self.hbm_traffic_bytes:
+      rows.append(("  at the mean routed rows", f"{self.useful_hbm_bytes / g:.1f} GiB"))
     for kind, c in self.collectives.items():
       if c["count"]:
         rows.append((f"{kind} / device / step", f"{c['bytes'] / g:.2f} GiB in {c['count']:.0f} ops"))
@@ -241,7 +245,10 @@ def make_plan(cfg, model_cfg, devices, topology: str = "") -> Plan:
   unexplained = {k for k in costs.kernels_without_estimate if not (splash and "splash" in k)}
   compiled_flops = costs.flops + splash_flops
   gmm_flops = sum(f for k, f in costs.kernel_flops.items() if "gmm" in k)
-  useful = compiled_flops - (gmm_flops * (1 - moe_buffer_fill(cfg, model_cfg, mesh)) if gmm else 0.0)
+  gmm_bytes = sum(b for k, b in costs.kernel_bytes.items() if "gmm" in k)
+  waste = 1 - moe_buffer_fill(cfg, model_cfg, mesh) if gmm else 0.0
+  # Megablox visits only the row tiles that hold routed rows, reading the weights once per such tile.
+  useful, useful_bytes = compiled_flops - gmm_flops * waste, costs.hbm_bytes - gmm_bytes * waste
   tokens = cfg.global_batch_size * cfg.seq_len
   model_flops = flops_per_token(model_cfg, cfg.seq_len) * tokens / len(devices)
   c = chip(str(getattr(devices[0], "device_kind", "")))
@@ -267,11 +274,12 @@ def make_plan(cfg, model_cfg, devices, topology: str = "") -> Plan:
       model_flops=model_flops, compiled_flops=compiled_flops, xla_flops=costs.xla_flops,
       kernel_flops=dict(costs.kernel_flops), splash_flops=splash_flops, useful_flops=useful,
       cost_analysis_flops=float((cost or {}).get("flops", 0.0)), hbm_traffic_bytes=costs.hbm_bytes,
+      kernel_bytes=dict(costs.kernel_bytes), useful_hbm_bytes=useful_bytes,
       collectives={k: dataclasses.asdict(v) for k, v in costs.collectives.items()},
       unknown_loops=costs.unknown_loops + [f"kernel {k} (no cost estimate)" for k in sorted(unexplained)],
       # Megablox runs only the tiles that hold routed rows (its grid is sized at run time), so the roofline
       # charges the grouped matmuls at the routed rows.
-      roofline=roofline(model_flops, useful, costs.hbm_bytes, costs.ici_bytes, c))
+      roofline=roofline(model_flops, useful, useful_bytes, costs.ici_bytes, c))
 
 
 def model_config_from(cfg, model_config_path: str | None):
@@ -396,7 +404,7 @@ def sweep_table(results: list[dict]) -> str:
   """A Markdown table of sweep results, one row per candidate."""
   g = 1024 ** 3
   head = ["candidate", "mesh (data, fsdp, expert, tensor)", "remat", "fits", "peak GiB (% HBM)", "compiled / model",
-          "useful / model", "all-gather GiB", "reduce-scatter GiB", "all-reduce GiB", "all-to-all GiB",
+          "useful / model", "HBM GiB (routed)", "all-gather GiB", "reduce-scatter GiB", "all-reduce GiB", "all-to-all GiB",
           "roofline step s (compute, HBM, ICI)", "MFU", "compile s"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in results:
@@ -411,6 +419,7 @@ def sweep_table(results: list[dict]) -> str:
         " x ".join(str(m.get(k, 1)) for k in ("data", "fsdp", "expert", "tensor")), r["remat_policy"],
         {None: "?", True: "yes", False: "NO"}[r["fits"]], f"{r['peak_bytes'] / g:.1f}{pct}",
         f"{r['flops_ratio']:.2f}", f"{r['useful_flops'] / r['model_flops']:.2f}",
+        f"{r['hbm_traffic_bytes'] / g:.0f} ({r['useful_hbm_bytes'] / g:.0f})",
         f"{col['all-gather']['bytes'] / g:.1f}", f"{col['reduce-scatter']['bytes'] / g:.1f}",
         f"{col['all-reduce']['bytes'] / g:.1f}", f"{a2a / g:.1f}",
         f"{rf['step_s']:.3f} ({rf['compute_s']:.3f}, {rf['hbm_s']:.3f}, {rf['ici_s']:.3f})",

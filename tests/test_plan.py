@@ -117,10 +117,11 @@ def test_sweep_table_and_candidates():
   row = {"candidate": "mesh.fsdp=32", "seconds": 12.0, "mesh": {"data": 1, "fsdp": 32, "expert": 1, "tensor": 2},
          "remat_policy": "full", "fits": True, "peak_bytes": 50 * g, "hbm_bytes": 100 * g, "flops_ratio": 1.5,
          "useful_flops": 3.0, "model_flops": 2.0, "collectives": coll,
+         "hbm_traffic_bytes": 300 * g, "useful_hbm_bytes": 100 * g,
          "roofline": {"step_s": 2.0, "compute_s": 1.0, "hbm_s": 0.5, "ici_s": 2.0, "mfu": 0.25}}
   table = sweep_table([row, {"candidate": "mesh.fsdp=3", "seconds": 1.0, "error": "error: bad mesh"}])
   lines = table.splitlines()
-  assert len(lines) == 4 and lines[2].startswith("| `mesh.fsdp=32` | 1 x 32 x 1 x 2 | full | yes | 50.0 (50%) | 1.50 |")
+  assert len(lines) == 4 and lines[2].startswith("| `mesh.fsdp=32` | 1 x 32 x 1 x 2 | full | yes | 50.0 (50%) | 1.50 | 1.50 | 300 (100) | 1.0 |")
   assert "2.0 | 2.000 (1.000, 0.500, 2.000) | 25.0% | 12 |" in lines[2] and "error: bad mesh" in lines[3]
 
 
