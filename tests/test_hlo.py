@@ -47,7 +47,7 @@ def test_collective_bytes_inside_a_scan_on_cpu():
   got = hlo.analyze(scanned_collectives(jax.devices(), trips=3), 4)
   assert [lp.trips for lp in got.loops] == [3]
   c = got.collectives
-  # all-gather: the gathered 32 x 128 f32 per trip; a ring sends the 3 parts this device lacks... per device 3/4.
+  # all-gather: the gathered 32 x 128 f32 per trip; on a ring each device passes on 3 of the 4 parts.
   assert (c["all-gather"].count, c["all-gather"].bytes, c["all-gather"].ici_bytes) == (3, 3 * 32 * 128 * F32,
                                                                                       3 * 24 * 128 * F32)
   # reduce-scatter: the 32 x 128 operand, 3/4 of it sent; all-reduce: 16 floats, reduce-scatter + all-gather.
