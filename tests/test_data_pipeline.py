@@ -171,7 +171,7 @@ def test_tokenized_once_then_cached(tok, tmp_path, monkeypatch):
   def fail(*a, **k):
     raise AssertionError("re-tokenized")
 
-  monkeypatch.setattr(harmony, "row_conversation", fail)
+  monkeypatch.setattr(tokenized, "row_conversation", fail)
   again = next(make_pipeline(cfg, tok, seq_len=SEQ, global_batch_size=2, seed=0))
   assert _equal([first], [again])
   # A different rendering option is a different cache entry.
