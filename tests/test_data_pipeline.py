@@ -181,7 +181,7 @@ def test_tokenized_once_then_cached(tok, tmp_path, monkeypatch):
 
 
 def test_overlong_documents_skipped_and_counted_or_fatal(tok, cache):
-  ts = tokenized.tokenize_source(SourceSpec("sample:cot"), open_source(SourceSpec("sample:cot")), tok, _cfg(cache))
+  ts, = tokenized.tokenize_shards(SourceSpec("sample:cot"), open_source(SourceSpec("sample:cot")), tok, _cfg(cache))
   seq = int(np.percentile(ts.lengths, 80))
   it = make_pipeline(_cfg(cache, eval_size=0.0), tok, seq_len=seq, global_batch_size=2, seed=0)
   n_over = int((ts.lengths > seq).sum())
@@ -202,6 +202,19 @@ def test_validate_data_config():
     bad[field] = value
     with pytest.raises(ValueError, match=message):
       validate_data_config(bad)
+
+
+def test_missing_or_misspelled_data_field_is_named(tok, cache):
+  """A hand-built data config never falls back to a default silently: what it lacks or misspells is named."""
+  typo = _cfg(cache).to_dict()
+  typo["layuot"] = typo.pop("layout")
+  with pytest.raises(ValueError, match=r"config\.data\.layuot: not a data config field"):
+    make_pipeline(typo, tok, seq_len=SEQ, global_batch_size=2, seed=0)
+  del typo["layuot"]
+  with pytest.raises(ValueError, match=r"config\.data\.layout: missing from the data config"):
+    validate_data_config(typo)
+  with pytest.raises(ValueError, match=r"config\.data\.layout: missing from the data config"):
+    format_example({"problem": "1 + 1?", "solution": "$\\boxed{2}$"}, tok, typo)
 
 
 def test_mixture_weights(tok, cache):

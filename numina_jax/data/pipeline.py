@@ -34,6 +34,7 @@ import numpy as np
 
 from numina_jax.data import config as data_config
 from numina_jax.data import packing
+from numina_jax.data.harmony.options import RenderOptions
 from numina_jax.data.sources import eval_source_spec, open_source, source_specs
 from numina_jax.data.tokenized import TokenizedSource, config_key, default_cache_dir, stable_int, tokenize_shards
 
@@ -217,8 +218,6 @@ class _Prepared:
 
 def _prepare(data_cfg, tokenizer, seq_len: int, num_slots: int, hosts: _Hosts) -> _Prepared:
   policy = data_config.get(data_cfg, "overlong")
-  if policy not in ("skip", "error"):
-    raise ValueError(f"data.overlong must be 'skip' or 'error', got {policy!r}")
   per_host = num_slots // hosts.count
   slots = range(hosts.index * per_host, (hosts.index + 1) * per_host)
   sources, infos = hosts.agree(lambda: _prepare_local(data_cfg, tokenizer, seq_len, num_slots, slots))
@@ -437,7 +436,7 @@ def _grain_dataset(rows: _Rows, rows_per_step: int):
 
 
 def _read_options(prefetch: int):
-  import grain
+  import grain  # heavy, as in _grain_dataset
   # One thread is plenty: assembling a batch is copies of memory-mapped tokens.
   return grain.ReadOptions(num_threads=1 if prefetch > 0 else 0, prefetch_buffer_size=prefetch)
 
@@ -634,6 +633,38 @@ class EvalBatches:
     return s
 
 
+def validate_data_config(data_cfg) -> None:
+  """Raises ValueError naming the first bad data field; run at start-up and by make_pipeline, before any read."""
+
+  def need(ok: bool, field: str, message: str):
+    if not ok:
+      raise ValueError(f"config.data.{field}: {message}")
+
+  def get(field: str):
+    return data_config.get(data_cfg, field)
+
+  unknown = sorted(set(data_cfg.keys()) - set(data_config.default_data_config().keys()))
+  if unknown:
+    raise ValueError(f"config.data.{unknown[0]}: not a data config field (misspelled?); the fields are those of "
+                     f"default_data_config()")
+  RenderOptions.from_config(data_cfg)  # layout, reasoning_effort, python_tool, row_format
+  for field in ("question_field", "answer_field", "messages_field", "tools_field", "tool_calls_field",
+                "tool_name_field", "tool_input_field", "tool_output_field", "tokenizer"):
+    need(isinstance(get(field), str) and bool(get(field)), field, "must be a non-empty string")
+  for field in ("overlong", "on_bad_row"):
+    need(get(field) in ("skip", "error"), field, f"{get(field)!r} is not skip or error")
+  need(get("eval_size") >= 0, "eval_size", "must be >= 0 (a fraction < 1 or a row count)")
+  need(get("pack_window") >= 1, "pack_window", "must be >= 1")
+  need(get("num_epochs") >= 0, "num_epochs", "must be >= 0 (0 = repeat forever)")
+  need(get("prefetch") >= 0, "prefetch", "must be >= 0")
+  need(get("tokenize_batch_size") >= 1, "tokenize_batch_size", "must be >= 1")
+  need(bool(get("mixture")) or bool(get("dataset_name")), "dataset_name", "set a dataset (or data.mixture)")
+  try:
+    source_specs(data_cfg)
+  except ValueError as e:
+    raise ValueError(f"config.data.mixture: {e}") from None
+
+
 def make_pipeline(data_cfg, tokenizer, *, seq_len: int, global_batch_size: int, seed: int, process_index: int = 0,
                   process_count: int = 1, split: str = "train", allgather: Allgather | None = None):
   """The train iterator (split="train") or the eval batches (split="eval") of this host.
@@ -645,10 +676,7 @@ def make_pipeline(data_cfg, tokenizer, *, seq_len: int, global_batch_size: int, 
   if split not in ("train", "eval"):
     raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
   _check_batch_args(seq_len, global_batch_size, process_index, process_count)
-  for field in ("pack_window", "prefetch", "num_epochs"):
-    value = int(data_config.get(data_cfg, field))
-    if value < (1 if field == "pack_window" else 0):
-      raise ValueError(f"data.{field} must be >= {1 if field == 'pack_window' else 0}, got {value}")
+  validate_data_config(data_cfg)
   hosts = _Hosts(process_index, process_count, allgather)
   prepared = _prepare(data_cfg, tokenizer, seq_len, global_batch_size, hosts)
   if split == "train":

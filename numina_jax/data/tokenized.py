@@ -163,11 +163,6 @@ def tokenize_shards(spec: SourceSpec, source: RowSource, tokenizer, data_cfg=Non
   return [TokenizedSource.load(paths[r]) for r in shards]
 
 
-def tokenize_source(spec: SourceSpec, source: RowSource, tokenizer, data_cfg=None) -> TokenizedSource:
-  """The whole source as one shard (cached)."""
-  return tokenize_shards(spec, source, tokenizer, data_cfg)[0]
-
-
 @dataclasses.dataclass
 class _ShardOut:
   """A shard being built: its rows, their lengths and status, counts, and the first errors."""
