@@ -94,12 +94,13 @@ def make_plan(cfg, model_cfg, devices) -> Plan:
   import numpy as np
   from jax.sharding import NamedSharding, PartitionSpec as P
 
+  from numina_jax.data.packing import BATCH_KEYS
   from numina_jax.model.attention import resolve_attention, splash_train_flops
   from numina_jax.model.params import count_params, param_specs
   from numina_jax.model.transformer import as_dtype
   from numina_jax.optim import make_optimizer
   from numina_jax.sharding import make_mesh, param_shardings
-  from numina_jax.step import BATCH_KEYS, StepConfig, batch_shardings, host_flags_sharding, jit_train_step
+  from numina_jax.step import StepConfig, batch_shardings, host_flags_sharding, jit_train_step
   from numina_jax.trainer import NUM_FLAGS, opt_state_shardings
 
   mesh = make_mesh(dict(cfg.mesh), devices)

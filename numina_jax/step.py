@@ -16,11 +16,10 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from numina_jax.data.packing import BATCH_KEYS
 from numina_jax.loss import loss_terms
 from numina_jax.model.config import GptOssConfig
 from numina_jax.sharding import logical_to_spec
-
-BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,6 +31,7 @@ from numina_jax import checkpoint as ckpt
 from numina_jax import config as config_lib
 from numina_jax import distributed
 from numina_jax import storage
+from numina_jax.data.packing import BATCH_KEYS
 from numina_jax.metrics import MetricWriter, flops_per_token, peak_flops_per_device, plot_metrics
 from numina_jax.model.config import GptOssConfig
 from numina_jax.model.params import init_value, param_specs
@@ -38,8 +39,7 @@ from numina_jax.model.transformer import as_dtype
 from numina_jax.optim import make_optimizer
 from numina_jax.progress import Progress
 from numina_jax.sharding import make_mesh, param_shardings
-from numina_jax.step import (BATCH_KEYS, StepConfig, batch_shardings, host_flags_sharding, jit_eval_step,
-                             jit_train_step)
+from numina_jax.step import StepConfig, batch_shardings, host_flags_sharding, jit_eval_step, jit_train_step
 
 log = logging.getLogger("numina_jax")
 
