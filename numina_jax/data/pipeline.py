@@ -445,18 +445,15 @@ class _Tally:
   """Running packing efficiency over the batches this host has handed out."""
 
   def __init__(self):
-    self.positions = self.tokens = self.loss_tokens = self.padding_blocks = 0
+    self.counts: collections.Counter = collections.Counter()
 
   def add(self, batch: dict[str, np.ndarray]) -> None:
-    self.positions += batch["segment_ids"].size
-    self.tokens += int((batch["segment_ids"] > 0).sum())
-    self.loss_tokens += int(batch["loss_mask"].sum())
-    self.padding_blocks += int((batch["segment_ids"].max(axis=1) == 0).sum())
+    self.counts.update(packing.batch_counts(batch))
 
   def as_dict(self) -> dict:
-    p = max(self.positions, 1)
-    return {"nonpad_fraction": self.tokens / p, "loss_fraction": self.loss_tokens / p,
-            "padding_blocks": self.padding_blocks}
+    p = max(self.counts["positions"], 1)
+    return {"nonpad_fraction": self.counts["tokens"] / p, "loss_fraction": self.counts["loss_tokens"] / p,
+            "padding_blocks": self.counts["padding_blocks"]}
 
 
 class TrainIterator:
