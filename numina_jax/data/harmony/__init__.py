@@ -1,14 +1,7 @@
 """Harmony rendering of NuminaMath rows and OpenAI-style conversations, with the loss mask of harmony.md.
 
-  options        RenderOptions: the rendering fields of the data config
-  conversation   Message, Conversation, the special tokens and which one ends a message
-  typescript     JSON schema -> the TypeScript-like `namespace functions` text
-  system         the system and developer messages
-  numina         NuminaMath rows, their ```python / ```output fences
-  openai_messages  OpenAI `messages` rows with tool calls
-  rows           any row -> conversation (data.row_format), format_example -> tokens
-  tokens         conversations -> token ids and loss mask (HarmonyRenderer)
-  text           conversations -> harmony text
+`rows` sends a row to `numina` or `openai_messages`, which build a `conversation` (`system` and `typescript` write
+its system and developer text, per `options`); `tokens` encodes it to ids and loss mask, `text` to harmony text.
 """
 
 from numina_jax.data.harmony.conversation import SPECIAL_TOKENS, Conversation, Message
