@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import copy
 import difflib
+import importlib.util
+import os
 import re
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import ml_collections
 
@@ -13,6 +15,9 @@ from numina_jax.model.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATI
 from numina_jax.model.transformer import DTYPES, REMAT_POLICIES
 
 MOE_KERNELS = ("auto", "tiled", "ragged", "gmm", "dense")
+
+REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+DEFAULT_CONFIG = os.path.join(REPO_CONFIGS, "default.py")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -228,3 +233,45 @@ def stage2_data_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigD
     data.dataset_config = ""
     data.eval_dataset_name = cfg.stage2.eval_dataset_name
   return data
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """The config of `path[:arg]`, built the way `ml_collections.config_flags` builds it (`get_config(arg)`)."""
+  path, _, arg = spec.partition(":")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"--config: no config file at {path}")
+  mod_spec = importlib.util.spec_from_file_location("_numina_config", path)
+  mod = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(mod)
+  return mod.get_config(arg) if arg else mod.get_config()
+
+
+def config_spec(argv: Sequence[str], default: str = DEFAULT_CONFIG) -> str:
+  """The `path[:arg]` given as `--config=...` or `--config ...` in argv, else `default`."""
+  for i, a in enumerate(argv):
+    if a.startswith("--config="):
+      return a.split("=", 1)[1]
+    if a == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return default
+
+
+def load_config(argv: Sequence[str], default: str = DEFAULT_CONFIG) -> ml_collections.ConfigDict:
+  """The config every CLI trains or plans with: `--config path[:arg]` plus its `--config.X=V` overrides, parsed
+  by `ml_collections.config_flags` exactly as `python -m numina_jax.train` parses them. argv holds only those
+  flags. A missing file or an unknown field is an error naming it (and the closest valid field names)."""
+  from absl import flags
+  from ml_collections import config_flags
+
+  argv = list(argv)
+  spec = config_spec(argv, default)
+  check_overrides(load_config_file(spec), argv)
+  fv = flags.FlagValues()
+  full_argv = ["numina_jax", *argv]
+  holder = config_flags.DEFINE_config_file("config", default, "training config file", flag_values=fv,
+                                           lock_config=True, sys_argv=full_argv)
+  try:
+    fv(full_argv)
+  except flags.Error as e:
+    raise ValueError(str(e)) from None
+  return holder.value

@@ -141,7 +141,7 @@ def test_sigterm_saves_a_checkpoint_the_next_run_resumes_from(tmp_path):
 
 @pytest.mark.parametrize("path", sorted(glob.glob(str(REPO / "configs" / "*.py"))))
 def test_every_shipped_config_loads_and_validates(path):
-  from numina_jax.train import load_config_file
+  from numina_jax.config import load_config_file
   stages = ["cot", "tir"] if "oss" in os.path.basename(path) else [None]
   for stage in stages:
     cfg = load_config_file(path if stage is None else f"{path}:{stage}")
@@ -160,6 +160,21 @@ def test_bad_override_fails_with_a_clear_message():
   assert res.returncode != 0
   assert "unknown config field --config.optim.wieght_decay; did you mean --config.optim.weight_decay?" in res.stderr
   assert "Traceback" not in res.stderr
+
+
+def test_every_cli_loads_a_config_the_same_way():
+  from numina_jax.config import load_config
+  path = str(REPO / "configs" / "oss20b_gpu.py")
+  cfg = load_config([f"--config={path}:tir", "--config.lr=3e-5", "--config.mesh.fsdp=4", "--config.export_hf=true",
+                     "--config.data.dataset_name=x"])
+  assert cfg.stage == "tir" and cfg.lr == 3e-5 and cfg.mesh.fsdp == 4 and cfg.export_hf is True
+  assert cfg.data.dataset_name == "x" and isinstance(cfg.mesh.fsdp, int)
+  with pytest.raises(ValueError, match=r"unknown config field --config\.mesh\.fsdb; did you mean --config\.mesh\.fsdp\?"):
+    load_config(["--config.mesh.fsdb=4"])
+  with pytest.raises(ValueError, match="config.mesh.fsdp"):
+    load_config(["--config.mesh.fsdp=four"])
+  with pytest.raises(FileNotFoundError, match="no config file at nowhere.py"):
+    load_config(["--config", "nowhere.py"])
 
 
 @pytest.mark.parametrize("field,value,msg", [
