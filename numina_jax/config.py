@@ -10,11 +10,16 @@ import re
 from typing import Iterable, Sequence
 
 import ml_collections
+from absl import flags
+from ml_collections import config_flags
 
+from numina_jax.data import default_data_config, validate_data_config
+from numina_jax.data.sources import source_specs
 from numina_jax.model.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
+from numina_jax.model.moe import MOE_KERNELS as _KERNELS
 from numina_jax.model.transformer import DTYPES, REMAT_POLICIES
 
-MOE_KERNELS = ("auto", "tiled", "ragged", "gmm", "dense")
+MOE_KERNELS = ("auto", *_KERNELS)
 
 REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 DEFAULT_CONFIG = os.path.join(REPO_CONFIGS, "default.py")
@@ -22,8 +27,6 @@ DEFAULT_CONFIG = os.path.join(REPO_CONFIGS, "default.py")
 
 def base_config() -> ml_collections.ConfigDict:
   """Every training field, defined once. Config files in `configs/` start from this and change values."""
-  from numina_jax.data import default_data_config
-
   c = ml_collections.ConfigDict()
   c.lr = 2e-5  # peak learning rate (AdamW), reached after warmup
   c.warmup_ratio = 0.0  # fraction of total steps spent warming up linearly from 0 to `lr`
@@ -203,14 +206,12 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   if not cfg.multihost:
     for f, unset in (("coordinator_address", ""), ("num_processes", 0), ("process_id", -1)):
       need(d[f] == unset, f"distributed.{f}", "is set but config.multihost is False; add --config.multihost=True")
-  from numina_jax.data import validate_data_config
   validate_data_config(cfg.data)
   if cfg.stage2.enabled:
     need(bool(cfg.stage2.dataset_name) or bool(cfg.stage2.mixture), "stage2.dataset_name",
          "set stage2.dataset_name or stage2.mixture when stage2.enabled")
     need(cfg.stage2.seq_len > 1, "stage2.seq_len", "must be > 1")
     need(cfg.stage2.lr > 0, "stage2.lr", "must be > 0")
-    from numina_jax.data.sources import source_specs
     data2 = stage2_data_config(cfg)
     try:
       validate_data_config(data2)
@@ -260,9 +261,6 @@ def load_config(argv: Sequence[str], default: str = DEFAULT_CONFIG) -> ml_collec
   """The config every CLI trains or plans with: `--config path[:arg]` plus its `--config.X=V` overrides, parsed
   by `ml_collections.config_flags` exactly as `python -m numina_jax.train` parses them. argv holds only those
   flags. A missing file or an unknown field is an error naming it (and the closest valid field names)."""
-  from absl import flags
-  from ml_collections import config_flags
-
   argv = list(argv)
   spec = config_spec(argv, default)
   check_overrides(load_config_file(spec), argv)
