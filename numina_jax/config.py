@@ -71,7 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.attention = "auto"  # auto (splash on TPU, xla elsewhere) | xla (blockwise) | dense (reference) | splash
   c.model.router_aux_loss_coef = 0.0  # weight of the load-balancing loss (the checkpoint's config says 0.9)
   c.model.z_loss_coef = 0.0  # weight of the z-loss (mean squared log-partition) on loss tokens
-  c.model.loss_chunk = 512  # sequence chunk for the lm_head + cross-entropy, so full logits never exist at once
+  c.model.loss_chunk = 512  # sequence chunk of the lm_head + cross-entropy (divides seq_len; 0 = whole sequence)
 
   c.data = default_data_config()
 
@@ -178,6 +178,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   need(m.attention in ATTENTION_IMPLEMENTATIONS, "model.attention",
        f"{m.attention!r} is not one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
   need(m.loss_chunk >= 0, "model.loss_chunk", f"must be >= 0, got {m.loss_chunk}")
+  for f, seq_len in (("seq_len", cfg.seq_len), ("stage2.seq_len", cfg.stage2.seq_len)):
+    need(not m.loss_chunk or m.loss_chunk >= seq_len or seq_len % m.loss_chunk == 0, "model.loss_chunk",
+         f"{m.loss_chunk} does not divide {f} {seq_len}; use a divisor of it (or 0 for the whole sequence at once)")
   need(m.router_aux_loss_coef >= 0, "model.router_aux_loss_coef", "must be >= 0")
   need(m.z_loss_coef >= 0, "model.z_loss_coef", "must be >= 0")
   need(not (m.hf_path and m.init_checkpoint), "model.hf_path",

@@ -214,3 +214,14 @@ def test_remat_and_loss_chunking_do_not_change_the_step():
   b, mb = run(new_state(tx), batch, tx, sched, remat_policy="full", loss_chunk=4)
   np.testing.assert_allclose(ma[0]["loss"], mb[0]["loss"], rtol=1e-6)
   close_trees(a["params"], b["params"], atol=1e-4)  # Adam near-zero gradients, as above
+
+
+def test_a_loss_chunk_that_does_not_divide_the_sequence_is_an_error():
+  from numina_jax.loss import lm_head_ce
+  h, w = jnp.ones((1, 6, 4)), jnp.ones((4, 8))
+  t, m = jnp.zeros((1, 6), jnp.int32), jnp.ones((1, 6))
+  with pytest.raises(ValueError, match="loss_chunk 4 does not divide the sequence length 6"):
+    lm_head_ce(h, w, t, m, chunk=4, dtype=jnp.float32)
+  whole = lm_head_ce(h, w, t, m, chunk=0, dtype=jnp.float32)
+  np.testing.assert_allclose(lm_head_ce(h, w, t, m, chunk=3, dtype=jnp.float32), whole, rtol=1e-6)
+  np.testing.assert_allclose(whole[0], 6 * np.log(8), rtol=1e-6)  # uniform logits: log V per token

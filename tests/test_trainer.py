@@ -186,6 +186,7 @@ def test_every_cli_loads_a_config_the_same_way():
     ("microbatch_size", 5, "config.microbatch_size: 5 does not divide global_batch_size 32"),
     ("model.moe_kernel", "fast", "config.model.moe_kernel: 'fast' is not one of"),
     ("model.moe_capacity_factor", -1.0, "config.model.moe_capacity_factor: must be >= 0"),
+    ("model.loss_chunk", 384, "config.model.loss_chunk: 384 does not divide seq_len 2048"),
 ])
 def test_bad_values_are_named(field, value, msg):
   cfg = base_config()
