@@ -33,7 +33,7 @@ from numina_jax import distributed
 from numina_jax import storage
 from numina_jax.metrics import MetricWriter, flops_per_token, peak_flops_per_device, plot_metrics
 from numina_jax.model.config import GptOssConfig
-from numina_jax.model.params import init_value, param_specs
+from numina_jax.model.params import init_params, param_specs
 from numina_jax.model.transformer import as_dtype
 from numina_jax.optim import make_optimizer
 from numina_jax.progress import Progress
@@ -144,23 +144,6 @@ def model_config_for(cfg, tokenizer) -> GptOssConfig:
       pad_token_id=pad, eos_token_id=eos)
 
 
-def init_params(model_cfg: GptOssConfig, shardings, seed: int, param_dtype) -> dict[str, jax.Array]:
-  """Random init, created directly in its shardings (never whole on one device)."""
-  specs = param_specs(model_cfg)
-
-  def make():
-    key = jax.random.key(seed)
-    out = {}
-    for i, (name, spec) in enumerate(sorted(specs.items())):
-      out[name] = init_value(spec, jax.random.fold_in(key, i), param_dtype, model_cfg.initializer_range)
-    pad = model_cfg.pad_token_id
-    if pad is not None and 0 <= pad < model_cfg.vocab_size:
-      out["embed"] = out["embed"].at[pad].set(0)
-    return out
-
-  return jax.jit(make, out_shardings=shardings)()
-
-
 def load_start_params(cfg, model_cfg, shardings, mesh) -> dict[str, jax.Array]:
   m = cfg.model
   dtype = as_dtype(m.param_dtype)
@@ -176,7 +159,7 @@ def load_start_params(cfg, model_cfg, shardings, mesh) -> dict[str, jax.Array]:
     log.info("starting from checkpoint %s (step %s)", m.init_checkpoint, step)
     params, _ = ckpt.load_params(m.init_checkpoint, step=step, shardings=shardings, dtype=dtype)
     return params
-  return init_params(model_cfg, shardings, cfg.seed, dtype)
+  return init_params(model_cfg, jax.random.key(cfg.seed), dtype, shardings)
 
 
 def opt_state_shardings(tx, params_abstract, p_shardings, mesh):
