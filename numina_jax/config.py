@@ -1,10 +1,12 @@
-"""Training-config schema helpers: the shared base config, validation at start-up, and override checks."""
+"""The training config: its schema (every field once), the loader every CLI shares, validation at start-up, and
+the model architecture it names."""
 
 from __future__ import annotations
 
 import copy
 import difflib
 import importlib.util
+import math
 import os
 import re
 from typing import Iterable, Sequence
@@ -13,9 +15,12 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
+from numina_jax import checkpoint as ckpt
 from numina_jax.data import default_data_config, validate_data_config
 from numina_jax.data.sources import source_specs
+from numina_jax.hf.load import resolve_checkpoint
 from numina_jax.model.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
+from numina_jax.model.config import GptOssConfig
 from numina_jax.model.moe import MOE_KERNELS as _KERNELS
 from numina_jax.model.transformer import DTYPES, REMAT_POLICIES
 
@@ -115,6 +120,29 @@ def base_config() -> ml_collections.ConfigDict:
   c.distributed.process_id = -1  # this process's index; -1 = auto-detect
   c.distributed.initialization_timeout = 300  # seconds to wait for every process to connect to the coordinator
   return c
+
+
+def model_config_for(cfg: ml_collections.ConfigDict, tokenizer) -> GptOssConfig:
+  """The architecture: from the starting checkpoint, a config.json, or the tiny preset."""
+  m = cfg.model
+  if m.hf_path:
+    return GptOssConfig.from_pretrained(resolve_checkpoint(m.hf_path))
+  if m.init_checkpoint:
+    return ckpt.load_model_config(m.init_checkpoint)
+  if m.config_path:
+    return GptOssConfig.from_pretrained(m.config_path)
+  vocab = m.vocab_size or int(math.ceil(len(tokenizer) / 64) * 64)
+  if vocab < len(tokenizer):
+    raise ValueError(f"config.model.vocab_size={vocab} is smaller than the tokenizer ({len(tokenizer)} tokens)")
+  pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+  eos = tokenizer.convert_tokens_to_ids("<|return|>")
+  return GptOssConfig(
+      vocab_size=vocab, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+      num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
+      num_key_value_heads=m.num_key_value_heads, head_dim=m.head_dim, num_local_experts=m.num_local_experts,
+      num_experts_per_tok=m.num_experts_per_tok, sliding_window=m.sliding_window,
+      rope_original_max_position_embeddings=max(cfg.seq_len, 64),
+      pad_token_id=pad, eos_token_id=eos)
 
 
 def _flat_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:

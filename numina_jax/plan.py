@@ -97,9 +97,9 @@ def make_plan(cfg, model_cfg, devices) -> Plan:
   from numina_jax.model.params import count_params, param_specs
   from numina_jax.model.transformer import as_dtype
   from numina_jax.optim import make_optimizer
-  from numina_jax.sharding import make_mesh, param_shardings
-  from numina_jax.step import BATCH_KEYS, StepConfig, batch_shardings, host_flags_sharding, jit_train_step
-  from numina_jax.trainer import NUM_FLAGS, opt_state_shardings
+  from numina_jax.sharding import make_mesh, opt_state_shardings, param_shardings
+  from numina_jax.step import (BATCH_KEYS, NUM_FLAGS, StepConfig, batch_shardings, host_flags_sharding,
+                               jit_train_step)
 
   mesh = make_mesh(dict(cfg.mesh), devices)
   specs = param_specs(model_cfg)
@@ -174,7 +174,7 @@ def model_config_from(cfg, model_config_path: str | None):
     from numina_jax.checkpoint import load_model_config
     return load_model_config(cfg.model.init_checkpoint)
   from numina_jax.data import load_tokenizer
-  from numina_jax.trainer import model_config_for
+  from numina_jax.config import model_config_for
   return model_config_for(cfg, load_tokenizer(cfg.data.tokenizer))
 
 

@@ -139,6 +139,21 @@ def param_shardings(specs: Mapping[str, object], mesh: Mesh, rules=None) -> dict
 _WARNED: set = set()
 
 
+def opt_state_shardings(tx, params_abstract, p_shardings, mesh: Mesh):
+  """Optimizer moments follow their parameter's sharding; everything else (counts, scalars) is replicated."""
+  abstract = jax.eval_shape(tx.init, params_abstract)
+  rep = NamedSharding(mesh, P())
+
+  def pick(path, leaf):
+    for entry in reversed(path):
+      key = getattr(entry, "key", None)
+      if isinstance(key, str) and key in p_shardings and tuple(leaf.shape) == tuple(params_abstract[key].shape):
+        return p_shardings[key]
+    return rep
+
+  return jax.tree_util.tree_map_with_path(pick, abstract)
+
+
 def with_logical_constraint(x: jax.Array, logical_axes: Sequence[str | None], rules=None) -> jax.Array:
   """Sharding constraint on an activation, a no-op outside a mesh context."""
   mesh = jax.sharding.get_abstract_mesh()

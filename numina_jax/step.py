@@ -20,6 +20,8 @@ from numina_jax.loss import loss_terms
 from numina_jax.model.config import GptOssConfig
 from numina_jax.sharding import logical_to_spec
 
+STOP, CHECKPOINT_DUE = 0, 1  # columns of the host flags (see `host_flags_sharding`)
+NUM_FLAGS = 2
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
 
 

@@ -16,7 +16,7 @@ from numina_jax.optim import decay_mask, learning_rate_schedule, make_optimizer 
 from numina_jax.sharding import make_mesh, param_shardings  # noqa: E402
 from numina_jax.step import StepConfig, batch_shardings, jit_train_step, train_step  # noqa: E402
 from numina_jax.model.params import init_params  # noqa: E402
-from numina_jax.trainer import opt_state_shardings  # noqa: E402
+from numina_jax.sharding import opt_state_shardings  # noqa: E402
 
 CFG = tiny_config(vocab_size=96, hidden_size=32, intermediate_size=24, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
