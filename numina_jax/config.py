@@ -74,7 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.moe_tile = 0  # rows per tile of the CPU tiled MoE kernel; 0 = chosen from the shapes
   c.model.moe_capacity_factor = 0.0  # 0 = dropless; > 0 caps each expert at factor x its even share, counts drops
   c.model.attention = "auto"  # auto (splash on TPU, xla elsewhere) | xla (blockwise) | dense (reference) | splash
-  c.model.router_aux_loss_coef = 0.0  # weight of the load-balancing loss (the checkpoint's config says 0.9)
+  c.model.load_balancing_loss_coef = 0.0  # weight of the MoE load-balancing loss in our training loss (not the checkpoint's router_aux_loss_coef)
   c.model.z_loss_coef = 0.0  # weight of the z-loss (mean squared log-partition) on loss tokens
   c.model.loss_chunk = 512  # sequence chunk of the lm_head + cross-entropy (divides seq_len; 0 = whole sequence)
 
@@ -155,6 +155,13 @@ def _flat_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
   return out
 
 
+# Fields that were renamed, so that an old command line gets a message naming the new field.
+RENAMED = {
+    "model.router_aux_loss_coef": "model.load_balancing_loss_coef",  # the checkpoint's config has a field of
+                                                                     # that name with another value (0.9)
+}
+
+
 def check_overrides(cfg: ml_collections.ConfigDict, argv: Iterable[str], flag: str = "config") -> None:
   """Raises ValueError naming an unknown `--config.X` override and the closest valid names."""
   keys = _flat_keys(cfg)
@@ -163,6 +170,8 @@ def check_overrides(cfg: ml_collections.ConfigDict, argv: Iterable[str], flag: s
     if not m:
       continue
     name = m.group(1)
+    if name in RENAMED and name not in keys:
+      raise ValueError(f"--{flag}.{name} was renamed --{flag}.{RENAMED[name]}")
     if name not in keys:
       close = difflib.get_close_matches(name, keys, n=3, cutoff=0.7)
       hint = f"; did you mean {', '.join('--' + flag + '.' + c for c in close)}?" if close else ""
@@ -209,7 +218,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   for f, seq_len in (("seq_len", cfg.seq_len), ("stage2.seq_len", cfg.stage2.seq_len)):
     need(not m.loss_chunk or m.loss_chunk >= seq_len or seq_len % m.loss_chunk == 0, "model.loss_chunk",
          f"{m.loss_chunk} does not divide {f} {seq_len}; use a divisor of it (or 0 for the whole sequence at once)")
-  need(m.router_aux_loss_coef >= 0, "model.router_aux_loss_coef", "must be >= 0")
+  need(m.load_balancing_loss_coef >= 0, "model.load_balancing_loss_coef", "must be >= 0")
   need(m.z_loss_coef >= 0, "model.z_loss_coef", "must be >= 0")
   need(not (m.hf_path and m.init_checkpoint), "model.hf_path",
        "set either model.hf_path or model.init_checkpoint, not both")

@@ -48,7 +48,7 @@ class StepConfig:
                moe_kernel=cfg.model.moe_kernel, moe_tile=cfg.model.moe_tile,
                moe_capacity_factor=cfg.model.moe_capacity_factor, attention=cfg.model.attention,
                loss_chunk=cfg.model.loss_chunk,
-               aux_coef=cfg.model.router_aux_loss_coef, z_coef=cfg.model.z_loss_coef,
+               aux_coef=cfg.model.load_balancing_loss_coef, z_coef=cfg.model.z_loss_coef,
                num_microbatches=cfg.global_batch_size // micro)
 
 

@@ -155,6 +155,9 @@ def test_bad_override_fails_with_a_clear_message():
   with pytest.raises(ValueError, match=r"unknown config field --config\.lrr; did you mean --config\.lr\?"):
     check_overrides(cfg, ["--config.lrr=3e-5"])
   check_overrides(cfg, ["--config.lr=3e-5", "--config.data.dataset_name=x"])
+  with pytest.raises(ValueError, match=r"--config\.model\.router_aux_loss_coef was renamed "
+                                       r"--config\.model\.load_balancing_loss_coef"):
+    check_overrides(cfg, ["--config.model.router_aux_loss_coef=0.1"])
   res = subprocess.run([sys.executable, "-m", "numina_jax.train", "--config.optim.wieght_decay=0.1"], cwd=REPO,
                        capture_output=True, text=True, timeout=120)
   assert res.returncode != 0
