@@ -172,11 +172,6 @@ def train(cfg: ml_collections.ConfigDict, *, stop_at_step: int | None = None) ->
   return {"stage1": r1, "stage2": r2, "preempted": r2.get("preempted", False)}
 
 
-def train_stage(cfg: ml_collections.ConfigDict, *, stop_at_step: int | None = None) -> dict[str, Any]:
-  """One stage. `stop_at_step` behaves as if SIGTERM arrived: every host saves that step and stops."""
-  return Trainer(cfg, stop_at_step=stop_at_step).run()
-
-
 class Trainer:
   """One stage: `Trainer(cfg).run()` starts or resumes, trains, and returns a summary dict.
 
