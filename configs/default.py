@@ -30,7 +30,7 @@ def get_config():
   c.model.num_experts_per_tok = 2
   c.model.sliding_window = 128
   c.model.dtype = "float32"  # XLA's CPU backend is faster in fp32 than bf16
-  c.model.router_aux_loss_coef = 0.01  # keep the tiny router balanced
+  c.model.load_balancing_loss_coef = 0.01  # keep the tiny router balanced
 
   c.data.dataset_name = "sample:cot"  # shipped NuminaMath-CoT-format sample
   c.data.tokenizer = "demo"  # the project's small tokenizer with the harmony special tokens

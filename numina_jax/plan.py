@@ -15,7 +15,6 @@ import dataclasses
 import json
 import os
 import sys
-from typing import Any
 
 # Per-chip HBM (GiB) by device kind, used when the backend does not report it.
 HBM_GIB = {"tpu v4": 32, "tpu v5 lite": 16, "tpu v5e": 16, "tpu v5p": 95, "tpu v5": 95, "tpu v6 lite": 32,
@@ -99,9 +98,8 @@ def make_plan(cfg, model_cfg, devices) -> Plan:
   from numina_jax.model.params import count_params, param_specs
   from numina_jax.model.transformer import as_dtype
   from numina_jax.optim import make_optimizer
-  from numina_jax.sharding import make_mesh, param_shardings
-  from numina_jax.step import StepConfig, batch_shardings, host_flags_sharding, jit_train_step
-  from numina_jax.trainer import NUM_FLAGS, opt_state_shardings
+  from numina_jax.sharding import make_mesh, opt_state_shardings, param_shardings
+  from numina_jax.step import NUM_FLAGS, StepConfig, batch_shardings, host_flags_sharding, jit_train_step
 
   mesh = make_mesh(dict(cfg.mesh), devices)
   specs = param_specs(model_cfg)
@@ -176,7 +174,7 @@ def model_config_from(cfg, model_config_path: str | None):
     from numina_jax.checkpoint import load_model_config
     return load_model_config(cfg.model.init_checkpoint)
   from numina_jax.data import load_tokenizer
-  from numina_jax.trainer import model_config_for
+  from numina_jax.config import model_config_for
   return model_config_for(cfg, load_tokenizer(cfg.data.tokenizer))
 
 
@@ -193,12 +191,9 @@ def main(argv=None) -> int:
   if bad:
     p.error(f"unrecognized arguments: {' '.join(bad)}")
 
-  from numina_jax.config import check_overrides, validate
-  from numina_jax.train import DEFAULT_CONFIG, load_config_file
+  from numina_jax.config import DEFAULT_CONFIG, load_config, validate
   try:
-    cfg = load_config_file(args.config or DEFAULT_CONFIG)
-    check_overrides(cfg, overrides)
-    _apply_overrides(cfg, overrides)
+    cfg = load_config([f"--config={args.config or DEFAULT_CONFIG}", *overrides])
     validate(cfg)
     import jax
     devices = topology_devices(args.topology) if args.topology else jax.devices()
@@ -212,26 +207,6 @@ def main(argv=None) -> int:
     with open(args.json, "w") as f:
       json.dump({**dataclasses.asdict(plan), "fits": plan.fits}, f, indent=2)
   return 0 if plan.fits in (True, None) else 1
-
-
-def _apply_overrides(cfg, overrides: list[str]) -> None:
-  """`--config.a.b=v` onto a config, parsing v as the field's type."""
-  for arg in overrides:
-    path, _, raw = arg[len("--config."):].partition("=")
-    *parents, leaf = path.split(".")
-    node = cfg
-    for part in parents:
-      node = node[part]
-    current: Any = node[leaf]
-    if isinstance(current, bool):
-      value: Any = raw.lower() in ("1", "true", "yes")
-    elif isinstance(current, int):
-      value = int(raw)
-    elif isinstance(current, float):
-      value = float(raw)
-    else:
-      value = raw
-    node[leaf] = value
 
 
 if __name__ == "__main__":

@@ -12,47 +12,23 @@ and Kubernetes; elsewhere set --config.distributed.coordinator_address/num_proce
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import os
 import sys
 
 from absl import app
 from ml_collections import config_flags
 
-REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-DEFAULT_CONFIG = os.path.join(REPO_CONFIGS, "default.py")
+from numina_jax.config import DEFAULT_CONFIG, check_overrides, config_spec, load_config_file
 
 _CONFIG = None  # defined in main(), after the overrides were checked: ml_collections reads them at definition
 
 
-def load_config_file(spec: str):
-  """Loads `path[:arg]` the way config_flags does (used to check overrides before flag parsing)."""
-  path, _, arg = spec.partition(":")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"--config: no config file at {path}")
-  mod_spec = importlib.util.spec_from_file_location("_numina_config", path)
-  mod = importlib.util.module_from_spec(mod_spec)
-  mod_spec.loader.exec_module(mod)
-  return mod.get_config(arg) if arg else mod.get_config()
-
-
-def _config_arg(argv: list[str]) -> str:
-  for i, a in enumerate(argv):
-    if a.startswith("--config="):
-      return a.split("=", 1)[1]
-    if a == "--config" and i + 1 < len(argv):
-      return argv[i + 1]
-  return DEFAULT_CONFIG
-
-
 def precheck(argv: list[str]) -> None:
   """Unknown `--config.X` overrides and bad config paths become one-line errors rather than tracebacks."""
-  from numina_jax.config import check_overrides
   if any(a in ("-h", "--help", "--helpfull", "--helpshort") for a in argv):
     return
   try:
-    cfg = load_config_file(_config_arg(argv))
+    cfg = load_config_file(config_spec(argv))
     check_overrides(cfg, argv)
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"error: {e}")
@@ -108,7 +84,7 @@ def main(argv=None):
   if _CONFIG is None:
     _CONFIG = config_flags.DEFINE_config_file(
         "config", DEFAULT_CONFIG, "Training config file (python, get_config()); `path:arg` passes arg.",
-        lock_config=True)
+        lock_config=True, sys_argv=argv)
   app.run(_main, argv=argv)
 
 

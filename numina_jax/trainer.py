@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import math
 import os
 import signal
 import time
@@ -33,13 +32,13 @@ from numina_jax import distributed
 from numina_jax import storage
 from numina_jax.data.packing import BATCH_KEYS
 from numina_jax.metrics import MetricWriter, flops_per_token, peak_flops_per_device, plot_metrics
-from numina_jax.model.config import GptOssConfig
-from numina_jax.model.params import init_value, param_specs
+from numina_jax.model.params import init_params, param_specs
 from numina_jax.model.transformer import as_dtype
 from numina_jax.optim import make_optimizer
 from numina_jax.progress import Progress
-from numina_jax.sharding import make_mesh, param_shardings
-from numina_jax.step import StepConfig, batch_shardings, host_flags_sharding, jit_eval_step, jit_train_step
+from numina_jax.sharding import make_mesh, opt_state_shardings, param_shardings
+from numina_jax.step import (CHECKPOINT_DUE, NUM_FLAGS, STOP, StepConfig, batch_shardings, host_flags_sharding,
+                             jit_eval_step, jit_train_step)
 
 log = logging.getLogger("numina_jax")
 
@@ -47,9 +46,6 @@ log = logging.getLogger("numina_jax")
 # when a time-based checkpoint is due), and the loss of this 1-based step becomes NaN.
 CLOCK_RATE_ENV = "NUMINA_JAX_TEST_CLOCK_RATE"
 NAN_AT_STEP_ENV = "NUMINA_JAX_TEST_NAN_AT_STEP"
-
-STOP, CHECKPOINT_DUE = 0, 1  # columns of the host flags
-NUM_FLAGS = 2
 
 
 class NonFiniteLossError(RuntimeError):
@@ -120,47 +116,6 @@ class Agreed:
 
 
 # Model ---------------------------------------------------------------------------------------------
-def model_config_for(cfg, tokenizer) -> GptOssConfig:
-  """The architecture: from the starting checkpoint, a config.json, or the tiny preset."""
-  m = cfg.model
-  if m.hf_path:
-    from numina_jax.hf.load import resolve_checkpoint
-    return GptOssConfig.from_pretrained(resolve_checkpoint(m.hf_path))
-  if m.init_checkpoint:
-    return ckpt.load_model_config(m.init_checkpoint)
-  if m.config_path:
-    return GptOssConfig.from_pretrained(m.config_path)
-  vocab = m.vocab_size or int(math.ceil(len(tokenizer) / 64) * 64)
-  if vocab < len(tokenizer):
-    raise ValueError(f"config.model.vocab_size={vocab} is smaller than the tokenizer ({len(tokenizer)} tokens)")
-  pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-  eos = tokenizer.convert_tokens_to_ids("<|return|>")
-  return GptOssConfig(
-      vocab_size=vocab, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
-      num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
-      num_key_value_heads=m.num_key_value_heads, head_dim=m.head_dim, num_local_experts=m.num_local_experts,
-      num_experts_per_tok=m.num_experts_per_tok, sliding_window=m.sliding_window,
-      rope_original_max_position_embeddings=max(cfg.seq_len, 64),
-      pad_token_id=pad, eos_token_id=eos)
-
-
-def init_params(model_cfg: GptOssConfig, shardings, seed: int, param_dtype) -> dict[str, jax.Array]:
-  """Random init, created directly in its shardings (never whole on one device)."""
-  specs = param_specs(model_cfg)
-
-  def make():
-    key = jax.random.key(seed)
-    out = {}
-    for i, (name, spec) in enumerate(sorted(specs.items())):
-      out[name] = init_value(spec, jax.random.fold_in(key, i), param_dtype, model_cfg.initializer_range)
-    pad = model_cfg.pad_token_id
-    if pad is not None and 0 <= pad < model_cfg.vocab_size:
-      out["embed"] = out["embed"].at[pad].set(0)
-    return out
-
-  return jax.jit(make, out_shardings=shardings)()
-
-
 def load_start_params(cfg, model_cfg, shardings, mesh) -> dict[str, jax.Array]:
   m = cfg.model
   dtype = as_dtype(m.param_dtype)
@@ -176,22 +131,7 @@ def load_start_params(cfg, model_cfg, shardings, mesh) -> dict[str, jax.Array]:
     log.info("starting from checkpoint %s (step %s)", m.init_checkpoint, step)
     params, _ = ckpt.load_params(m.init_checkpoint, step=step, shardings=shardings, dtype=dtype)
     return params
-  return init_params(model_cfg, shardings, cfg.seed, dtype)
-
-
-def opt_state_shardings(tx, params_abstract, p_shardings, mesh):
-  """Optimizer moments follow their parameter's sharding; everything else is replicated."""
-  abstract = jax.eval_shape(tx.init, params_abstract)
-  rep = NamedSharding(mesh, P())
-
-  def pick(path, leaf):
-    for entry in reversed(path):
-      key = getattr(entry, "key", None)
-      if isinstance(key, str) and key in p_shardings and tuple(leaf.shape) == tuple(params_abstract[key].shape):
-        return p_shardings[key]
-    return rep
-
-  return jax.tree_util.tree_map_with_path(pick, abstract)
+  return init_params(model_cfg, jax.random.key(cfg.seed), dtype, shardings)
 
 
 # Stages ----------------------------------------------------------------------------------------------
@@ -233,11 +173,6 @@ def train(cfg: ml_collections.ConfigDict, *, stop_at_step: int | None = None) ->
   return {"stage1": r1, "stage2": r2, "preempted": r2.get("preempted", False)}
 
 
-def train_stage(cfg: ml_collections.ConfigDict, *, stop_at_step: int | None = None) -> dict[str, Any]:
-  """One stage. `stop_at_step` behaves as if SIGTERM arrived: every host saves that step and stops."""
-  return Trainer(cfg, stop_at_step=stop_at_step).run()
-
-
 class Trainer:
   """One stage: `Trainer(cfg).run()` starts or resumes, trains, and returns a summary dict.
 
@@ -266,7 +201,7 @@ class Trainer:
                        f"({jax.process_count()})")
 
     self.tokenizer = data_lib.load_tokenizer(cfg.data.tokenizer)
-    self.model_cfg = model_config_for(cfg, self.tokenizer)
+    self.model_cfg = config_lib.model_config_for(cfg, self.tokenizer)
     self.specs = param_specs(self.model_cfg)
     self.p_shard = param_shardings(self.specs, self.mesh)
     pipe_kwargs = dict(seq_len=cfg.seq_len, global_batch_size=cfg.global_batch_size, seed=cfg.seed,

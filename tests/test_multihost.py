@@ -34,7 +34,7 @@ def cli_args(workdir, cache_dir, **overrides):
 
 def job_config(workdir, cache_dir, **overrides):
   """The config the CLI builds from `cli_args` (configs/default.py and the same overrides), for in-process runs."""
-  from numina_jax.train import DEFAULT_CONFIG, load_config_file
+  from numina_jax.config import DEFAULT_CONFIG, load_config_file
   cfg = load_config_file(DEFAULT_CONFIG)
   values = {**JOB, **overrides, "workdir": str(workdir), "data.cache_dir": str(cache_dir), "stage2.enabled": False}
   for k, v in values.items():

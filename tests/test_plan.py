@@ -9,7 +9,7 @@ import pytest  # noqa: E402
 
 from numina_jax.config import base_config  # noqa: E402
 from numina_jax.model import count_params, tiny_config  # noqa: E402
-from numina_jax.plan import _apply_overrides, make_plan, main  # noqa: E402
+from numina_jax.plan import make_plan, main  # noqa: E402
 
 
 def test_plan_on_a_sharded_mesh():
@@ -31,13 +31,6 @@ def test_plan_on_a_sharded_mesh():
   assert plan.temp_bytes > 0 and plan.peak_bytes >= plan.argument_bytes
   assert plan.flops_per_device and plan.flops_per_device > 0
   assert "peak / device" in plan.table()
-
-
-def test_overrides_take_the_field_type():
-  cfg = base_config()
-  _apply_overrides(cfg, ["--config.lr=3e-5", "--config.mesh.fsdp=4", "--config.export_hf=true",
-                         "--config.data.dataset_name=x"])
-  assert cfg.lr == 3e-5 and cfg.mesh.fsdp == 4 and cfg.export_hf is True and cfg.data.dataset_name == "x"
 
 
 def test_cli_errors_name_the_problem(capsys):

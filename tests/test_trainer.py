@@ -141,7 +141,7 @@ def test_sigterm_saves_a_checkpoint_the_next_run_resumes_from(tmp_path):
 
 @pytest.mark.parametrize("path", sorted(glob.glob(str(REPO / "configs" / "*.py"))))
 def test_every_shipped_config_loads_and_validates(path):
-  from numina_jax.train import load_config_file
+  from numina_jax.config import load_config_file
   stages = ["cot", "tir"] if "oss" in os.path.basename(path) else [None]
   for stage in stages:
     cfg = load_config_file(path if stage is None else f"{path}:{stage}")
@@ -155,11 +155,29 @@ def test_bad_override_fails_with_a_clear_message():
   with pytest.raises(ValueError, match=r"unknown config field --config\.lrr; did you mean --config\.lr\?"):
     check_overrides(cfg, ["--config.lrr=3e-5"])
   check_overrides(cfg, ["--config.lr=3e-5", "--config.data.dataset_name=x"])
+  with pytest.raises(ValueError, match=r"--config\.model\.router_aux_loss_coef was renamed "
+                                       r"--config\.model\.load_balancing_loss_coef"):
+    check_overrides(cfg, ["--config.model.router_aux_loss_coef=0.1"])
   res = subprocess.run([sys.executable, "-m", "numina_jax.train", "--config.optim.wieght_decay=0.1"], cwd=REPO,
                        capture_output=True, text=True, timeout=120)
   assert res.returncode != 0
   assert "unknown config field --config.optim.wieght_decay; did you mean --config.optim.weight_decay?" in res.stderr
   assert "Traceback" not in res.stderr
+
+
+def test_every_cli_loads_a_config_the_same_way():
+  from numina_jax.config import load_config
+  path = str(REPO / "configs" / "oss20b_gpu.py")
+  cfg = load_config([f"--config={path}:tir", "--config.lr=3e-5", "--config.mesh.fsdp=4", "--config.export_hf=true",
+                     "--config.data.dataset_name=x"])
+  assert cfg.stage == "tir" and cfg.lr == 3e-5 and cfg.mesh.fsdp == 4 and cfg.export_hf is True
+  assert cfg.data.dataset_name == "x" and isinstance(cfg.mesh.fsdp, int)
+  with pytest.raises(ValueError, match=r"unknown config field --config\.mesh\.fsdb; did you mean --config\.mesh\.fsdp\?"):
+    load_config(["--config.mesh.fsdb=4"])
+  with pytest.raises(ValueError, match="config.mesh.fsdp"):
+    load_config(["--config.mesh.fsdp=four"])
+  with pytest.raises(FileNotFoundError, match="no config file at nowhere.py"):
+    load_config(["--config", "nowhere.py"])
 
 
 @pytest.mark.parametrize("field,value,msg", [
@@ -171,6 +189,7 @@ def test_bad_override_fails_with_a_clear_message():
     ("microbatch_size", 5, "config.microbatch_size: 5 does not divide global_batch_size 32"),
     ("model.moe_kernel", "fast", "config.model.moe_kernel: 'fast' is not one of"),
     ("model.moe_capacity_factor", -1.0, "config.model.moe_capacity_factor: must be >= 0"),
+    ("model.loss_chunk", 384, "config.model.loss_chunk: 384 does not divide seq_len 2048"),
 ])
 def test_bad_values_are_named(field, value, msg):
   cfg = base_config()
