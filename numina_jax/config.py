@@ -159,6 +159,7 @@ def _flat_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
 RENAMED = {
     "model.router_aux_loss_coef": "model.load_balancing_loss_coef",  # the checkpoint's config has a field of
                                                                      # that name with another value (0.9)
+    "data.num_epochs": "data.stream_epochs",  # not the training epochs (num_epochs): where the data stream ends
 }
 
 

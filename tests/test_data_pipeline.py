@@ -120,7 +120,7 @@ def test_prefetch_thread_ends_with_its_iterator(tok, cache):
 
 
 def test_epochs_cover_every_train_doc_once(tok, cache):
-  it = make_pipeline(_cfg(cache, num_epochs=2, pack_window=300), tok, seq_len=SEQ, global_batch_size=8, seed=0)
+  it = make_pipeline(_cfg(cache, stream_epochs=2, pack_window=300), tok, seq_len=SEQ, global_batch_size=8, seed=0)
   per_epoch = it.epoch_size
   steps = it.steps_per_epoch
   seen = []
@@ -152,7 +152,7 @@ def test_eval_split_is_fixed_disjoint_and_finite(tok, cache):
   assert len(batches) == len(ev) > 0 and _equal(batches, list(ev)) and _equal(batches, list(ev2))
   eval_docs = {batch["input_ids"][r, a:b].tobytes() for batch in batches for r, a, b in _segments(batch)}
   assert len(eval_docs) == ev.stats["docs"] == 30
-  train = make_pipeline(_cfg(cache, eval_size=30.0, num_epochs=1), tok, seq_len=SEQ, global_batch_size=8, seed=0)
+  train = make_pipeline(_cfg(cache, eval_size=30.0, stream_epochs=1), tok, seq_len=SEQ, global_batch_size=8, seed=0)
   train_docs = {batch["input_ids"][r, a:b].tobytes() for batch in train for r, a, b in _segments(batch)}
   assert len(train_docs) == 970 and not train_docs & eval_docs
   assert batches[-1]["segment_ids"].shape == (4, SEQ)

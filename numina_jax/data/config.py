@@ -51,7 +51,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.overlong = "skip"  # a document longer than seq_len: "skip" (counted in stats) or "error"; never cut
   c.pack_window = 2048  # documents of one row slot packed together, best-fit-decreasing; larger packs tighter
   c.shuffle = True  # reshuffle each row slot's documents every epoch from make_pipeline's seed (no shuffle buffer)
-  c.num_epochs = 0  # passes over the train split; 0 = repeat forever (the trainer stops by steps)
+  c.stream_epochs = 0  # passes the train stream makes, then it ends; 0 = endless (the trainer counts its own epochs)
   c.prefetch = 2  # batches prepared ahead by grain's prefetch thread; 0 = none
   # Tokenization cache.
   c.cache_dir = ""  # tokenized-data cache, a folder per row slot's shard of a source, each host its own; "" = $NUMINA_JAX_CACHE or ~/.cache/numina_jax/tokenized

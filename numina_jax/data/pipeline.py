@@ -15,7 +15,7 @@ for the mixture quotas, blocks per epoch, the end of a finite stream, eval batch
 on every host. Kept by hand: best-fit packing (packing.py) and the mixture (grain's mix draws element by element,
 not a quota per epoch). Held-out eval rows are drawn among a source's rows before filtering (data.eval_size counts
 rows read, not rows kept), so no host needs another's filter results. Costs: slot streams differ in length by a
-few blocks, so a finite stream (data.num_epochs > 0) ends with some padded rows; a document packs only with others
+few blocks, so a finite stream (data.stream_epochs > 0) ends with some padded rows; a document packs only with others
 of its shard; a new global_batch_size re-shards (re-tokenizes) and cannot resume a run exactly.
 """
 from __future__ import annotations
@@ -457,7 +457,7 @@ class _Tally:
 
 
 class TrainIterator:
-  """Endless (or data.num_epochs long) iterator of this host's train batches; resumable through get_state/set_state,
+  """Endless (or data.stream_epochs long) iterator of this host's train batches; resumable through get_state/set_state,
   on any host count. Each batch is a dict of [global_batch_size // process_count, seq_len] arrays (packing.py)."""
 
   def __init__(self, prepared: _Prepared, data_cfg, *, seq_len: int, global_batch_size: int, seed: int,
@@ -466,7 +466,7 @@ class TrainIterator:
     self.seq_len, self.global_batch_size, self.seed = seq_len, global_batch_size, seed
     self.window = int(data_config.get(data_cfg, "pack_window"))
     self.shuffle = bool(data_config.get(data_cfg, "shuffle"))
-    self.num_epochs = int(data_config.get(data_cfg, "num_epochs"))
+    self.num_epochs = int(data_config.get(data_cfg, "stream_epochs"))
     self.prefetch = int(data_config.get(data_cfg, "prefetch"))
     self._sources = [s for s in prepared.sources if s.role == "train"]  # first in the list
     weights = [s.weight for s in self._sources]
@@ -526,7 +526,7 @@ class TrainIterator:
 
   @property
   def epoch(self) -> int:
-    """The nominal epoch of the next batch: steps // steps_per_epoch (capped at data.num_epochs); each row slot
+    """The nominal epoch of the next batch: steps // steps_per_epoch (capped at data.stream_epochs); each row slot
     crosses its own epoch boundaries within a few steps of that."""
     e = self._step // self._steps_per_epoch if self._steps_per_epoch else 0
     return min(e, self.num_epochs) if self.num_epochs else e
@@ -652,7 +652,7 @@ def validate_data_config(data_cfg) -> None:
     need(get(field) in ("skip", "error"), field, f"{get(field)!r} is not skip or error")
   need(get("eval_size") >= 0, "eval_size", "must be >= 0 (a fraction < 1 or a row count)")
   need(get("pack_window") >= 1, "pack_window", "must be >= 1")
-  need(get("num_epochs") >= 0, "num_epochs", "must be >= 0 (0 = repeat forever)")
+  need(get("stream_epochs") >= 0, "stream_epochs", "must be >= 0 (0 = endless)")
   need(get("prefetch") >= 0, "prefetch", "must be >= 0")
   need(get("tokenize_batch_size") >= 1, "tokenize_batch_size", "must be >= 1")
   need(bool(get("mixture")) or bool(get("dataset_name")), "dataset_name", "set a dataset (or data.mixture)")
