@@ -16,6 +16,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from numina_jax import checkpoint as ckpt
+from numina_jax import storage
 from numina_jax.data import default_data_config, validate_data_config
 from numina_jax.data.sources import source_specs
 from numina_jax.hf.load import resolve_checkpoint
@@ -48,6 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every_steps = 500  # steps between evaluations on the held-out split (0 = only at the end)
   c.remat_policy = "full"  # activation rematerialization: none | full | save_dots | save_dots_no_batch | save_qkv_out
   c.stage = "cot"  # recipe stage trained by this config: cot (chain of thought) | tir (tool-integrated)
+  c.next_stage = ""  # then train get_config(next_stage) of the same config file, from this stage's best checkpoint
   c.export_hf = False  # write a Hugging Face checkpoint (safetensors) to workdir/hf at the end
   c.export_dtype = "bfloat16"  # dtype of the exported weights
   c.plot = True  # write workdir/training.png (loss and learning rate) at the end
@@ -101,17 +103,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.max_to_keep = 3  # most recent checkpoints kept
   c.checkpoint.keep_best = 1  # best checkpoints by eval loss kept besides the recent ones
   c.checkpoint.async_save = True  # write checkpoints in the background
-
-  c.stage2 = ml_collections.ConfigDict()
-  c.stage2.enabled = False  # after this stage, run the TIR stage from its best checkpoint (in workdir/stage2_tir)
-  c.stage2.dataset_name = ""  # TIR dataset (data.dataset_name of stage 2; stage 1's data.dataset_config is not carried over)
-  c.stage2.mixture = ()  # weighted TIR sources (data.mixture of stage 2); () = stage2.dataset_name alone
-  c.stage2.eval_dataset_name = ""  # eval source of stage 2; "" = held out from stage 2's own sources
-  c.stage2.seq_len = 1024  # block length of stage 2
-  c.stage2.num_epochs = 4  # epochs of stage 2
-  c.stage2.max_steps = 0  # steps of stage 2 (0 = from epochs)
-  c.stage2.warmup_ratio = 0.1  # warmup of stage 2
-  c.stage2.lr = 2e-5  # peak learning rate of stage 2
 
   c.multihost = False  # start with jax.distributed.initialize() (multi-host slices and clusters)
   c.distributed = ml_collections.ConfigDict()
@@ -173,6 +164,9 @@ def check_overrides(cfg: ml_collections.ConfigDict, argv: Iterable[str], flag: s
     name = m.group(1)
     if name in RENAMED and name not in keys:
       raise ValueError(f"--{flag}.{name} was renamed --{flag}.{RENAMED[name]}")
+    if name.startswith("stage2.") and "stage2" not in cfg:
+      raise ValueError(f"--{flag}.{name}: the stage2 block is gone; a stage is its config file's get_config(stage) "
+                       f"(`--config path:tir`), and --{flag}.next_stage=tir runs it after this one")
     if name not in keys:
       close = difflib.get_close_matches(name, keys, n=3, cutoff=0.7)
       hint = f"; did you mean {', '.join('--' + flag + '.' + c for c in close)}?" if close else ""
@@ -216,9 +210,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   need(m.attention in ATTENTION_IMPLEMENTATIONS, "model.attention",
        f"{m.attention!r} is not one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
   need(m.loss_chunk >= 0, "model.loss_chunk", f"must be >= 0, got {m.loss_chunk}")
-  for f, seq_len in (("seq_len", cfg.seq_len), ("stage2.seq_len", cfg.stage2.seq_len)):
-    need(not m.loss_chunk or m.loss_chunk >= seq_len or seq_len % m.loss_chunk == 0, "model.loss_chunk",
-         f"{m.loss_chunk} does not divide {f} {seq_len}; use a divisor of it (or 0 for the whole sequence at once)")
+  need(not m.loss_chunk or m.loss_chunk >= cfg.seq_len or cfg.seq_len % m.loss_chunk == 0, "model.loss_chunk",
+       f"{m.loss_chunk} does not divide seq_len {cfg.seq_len}; use a divisor of it (or 0 for the whole sequence "
+       f"at once)")
   need(m.load_balancing_loss_coef >= 0, "model.load_balancing_loss_coef", "must be >= 0")
   need(m.z_loss_coef >= 0, "model.z_loss_coef", "must be >= 0")
   need(not (m.hf_path and m.init_checkpoint), "model.hf_path",
@@ -248,33 +242,29 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     for f, unset in (("coordinator_address", ""), ("num_processes", 0), ("process_id", -1)):
       need(d[f] == unset, f"distributed.{f}", "is set but config.multihost is False; add --config.multihost=True")
   validate_data_config(cfg.data)
-  if cfg.stage2.enabled:
-    need(bool(cfg.stage2.dataset_name) or bool(cfg.stage2.mixture), "stage2.dataset_name",
-         "set stage2.dataset_name or stage2.mixture when stage2.enabled")
-    need(cfg.stage2.seq_len > 1, "stage2.seq_len", "must be > 1")
-    need(cfg.stage2.lr > 0, "stage2.lr", "must be > 0")
-    data2 = stage2_data_config(cfg)
-    try:
-      validate_data_config(data2)
-    except ValueError as e:
-      raise ValueError(f"stage 2 (config.stage2.dataset_name / stage2.mixture): {e}") from None
-
-    def sources(data):
-      return sorted((s.name, s.config, s.split) for s in source_specs(data) if s.weight > 0)
-    need(sources(data2) != sources(cfg.data), "stage2.dataset_name",
-         f"stage 2 would train on stage 1's data {[s[0] for s in sources(cfg.data)]}; set stage2.dataset_name or "
-         f"stage2.mixture to the TIR data")
+  need(cfg.next_stage != cfg.stage, "next_stage", f"is this stage ({cfg.stage!r}); name the stage that follows it")
 
 
-def stage2_data_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The `data` section of stage 2: stage 1's rendering and packing options with stage 2's own sources."""
-  data = copy.deepcopy(cfg.data)
-  with data.unlocked():
-    data.dataset_name = cfg.stage2.dataset_name
-    data.mixture = cfg.stage2.mixture
-    data.dataset_config = ""
-    data.eval_dataset_name = cfg.stage2.eval_dataset_name
-  return data
+def next_stage_config(prev: ml_collections.ConfigDict, nxt: ml_collections.ConfigDict, *, root: str, index: int,
+                      previous_workdir: str) -> ml_collections.ConfigDict:
+  """Stage `index` (2, 3, ...) of a chain: `nxt` is the config file's `get_config(prev.next_stage)`, which
+  describes the stage; the chain only places it. It writes to `<root>/stage<index>_<stage>`, starts from the
+  previous stage's best checkpoint, and must not train on the previous stage's sources."""
+  c = copy.deepcopy(nxt)
+  with c.unlocked():
+    c.model.hf_path = ""
+    c.model.init_checkpoint = storage.join(previous_workdir, "checkpoints")
+    c.model.init_step = -1
+    c.workdir = storage.join(root, f"stage{index}_{c.stage}")
+  validate(c)
+
+  def sources(data):
+    return sorted((s.name, s.config, s.split) for s in source_specs(data) if s.weight > 0)
+  if sources(c.data) == sources(prev.data):
+    raise ValueError(f"config.next_stage: stage {c.stage!r} would train on stage {prev.stage!r}'s data "
+                     f"{[s[0] for s in sources(prev.data)]}; get_config({prev.next_stage!r}) must set its own "
+                     f"data.dataset_name or data.mixture")
+  return c
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
@@ -296,6 +286,17 @@ def config_spec(argv: Sequence[str], default: str = DEFAULT_CONFIG) -> str:
     if a == "--config" and i + 1 < len(argv):
       return argv[i + 1]
   return default
+
+
+def config_overrides(argv: Sequence[str]) -> list[str]:
+  """The `--config.X=V` (or `--config.X V`) flags of argv, in order."""
+  out = []
+  for i, a in enumerate(argv):
+    if a.startswith("--config."):
+      out.append(a)
+      if "=" not in a and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+        out.append(argv[i + 1])
+  return out
 
 
 def load_config(argv: Sequence[str], default: str = DEFAULT_CONFIG) -> ml_collections.ConfigDict:

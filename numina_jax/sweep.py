@@ -40,7 +40,7 @@ def trial_dir(base: str, lr: float) -> str:
 
 def run_trial(config: str, lr: float, steps: int, workdir: str, extra: list[str]) -> dict:
   cmd = [sys.executable, "-m", "numina_jax.train", f"--config={config}", f"--config.lr={lr}",
-         f"--config.max_steps={steps}", f"--config.workdir={workdir}", "--config.stage2.enabled=False",
+         f"--config.max_steps={steps}", f"--config.workdir={workdir}", "--config.next_stage=",
          "--config.export_hf=False", *extra]
   print(f"\n=== lr={lr:g}: {' '.join(cmd[1:])}", flush=True)
   proc = subprocess.run(cmd)

@@ -4,7 +4,10 @@
   python -m numina_jax.train --config configs/oss120b_v5.py --config.lr=3e-5
   python -m numina_jax.train --config configs/oss120b_v5.py:tir   # stage 2 (tool-integrated reasoning)
 
-Every field of the config can be overridden as --config.FIELD=VALUE (e.g. --config.data.dataset_name=...).
+A stage is a config file's get_config(stage) (`path:stage`). A stage that sets next_stage (the demo's CoT stage
+does) is followed by the same file's get_config(next_stage), from its best checkpoint, in workdir/stage<k>_<stage>.
+Every field of the config can be overridden as --config.FIELD=VALUE (e.g. --config.data.dataset_name=...); in a
+chain the overrides apply to every stage.
 Rerunning the same command resumes from the latest checkpoint in the workdir. On several hosts every host runs
 the same command with --config.multihost=True (the coordinator is auto-detected on Cloud TPU, SLURM, Open MPI
 and Kubernetes; elsewhere set --config.distributed.coordinator_address/num_processes/process_id).
@@ -18,8 +21,10 @@ import sys
 from absl import app
 from ml_collections import config_flags
 
-from numina_jax.config import DEFAULT_CONFIG, check_overrides, config_spec, load_config_file
+from numina_jax.config import (DEFAULT_CONFIG, check_overrides, config_overrides, config_spec, load_config,
+                               load_config_file)
 
+_ARGV: list[str] = []  # the command line's flags, for the stages a chain (config.next_stage) loads
 _CONFIG = None  # defined in main(), after the overrides were checked: ml_collections reads them at definition
 
 
@@ -41,8 +46,15 @@ def _main(argv):
   from numina_jax.distributed import DistributedStartError
   from numina_jax.trainer import NonFiniteLossError, train
   cfg = _CONFIG.value
+  path = config_spec(_ARGV).partition(":")[0]
+  overrides = config_overrides(_ARGV)
+
+  def next_config(stage: str):
+    """The next stage of a chain: the same file's get_config(stage), with the same command-line overrides."""
+    return load_config([f"--config={path}:{stage}", *overrides])
+
   try:
-    result = train(cfg)
+    result = train(cfg, next_config=next_config)
   except (NonFiniteLossError, DistributedStartError, ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
   _print_summary(result)
@@ -62,7 +74,7 @@ def _quiet_logs() -> None:
 
 
 def _print_summary(result: dict) -> None:
-  stages = [result[k] for k in ("stage1", "stage2") if k in result] or [result]
+  stages = [v for k, v in result.items() if k.startswith("stage") and isinstance(v, dict)] or [result]
   for r in stages:
     line = f"[{r.get('workdir')}] steps {r.get('start_step')} -> {r.get('final_step')} of {r.get('total_steps')}"
     if r.get("final_loss") is not None:
@@ -78,8 +90,9 @@ def _print_summary(result: dict) -> None:
 
 
 def main(argv=None):
-  global _CONFIG
+  global _CONFIG, _ARGV
   argv = list(sys.argv if argv is None else argv)
+  _ARGV = argv[1:]
   precheck(argv[1:])
   if _CONFIG is None:
     _CONFIG = config_flags.DEFINE_config_file(

@@ -17,7 +17,7 @@ import logging
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -135,42 +135,36 @@ def load_start_params(cfg, model_cfg, shardings, mesh) -> dict[str, jax.Array]:
 
 
 # Stages ----------------------------------------------------------------------------------------------
-def stage2_config(cfg, stage1_workdir: str) -> ml_collections.ConfigDict:
-  """Stage 2 (TIR) from stage 1's best checkpoint, on stage 2's own sources (never stage 1's mixture)."""
-  c = copy.deepcopy(cfg)
-  with c.unlocked():
-    c.stage = "tir"
-    c.data = config_lib.stage2_data_config(cfg)
-    c.seq_len = cfg.stage2.seq_len
-    c.num_epochs = cfg.stage2.num_epochs
-    c.max_steps = cfg.stage2.max_steps
-    c.warmup_ratio = cfg.stage2.warmup_ratio
-    c.lr = cfg.stage2.lr
-    c.model.hf_path = ""
-    c.model.init_checkpoint = storage.join(stage1_workdir, "checkpoints")
-    c.model.init_step = -1
-    c.workdir = storage.join(cfg.workdir, "stage2_tir")
-    c.stage2.enabled = False
-  return c
-
-
-def train(cfg: ml_collections.ConfigDict, *, stop_at_step: int | None = None) -> dict[str, Any]:
-  """Runs the configured stage (or both stages of the recipe); restarting the same command resumes."""
+def train(cfg: ml_collections.ConfigDict, *, next_config: Callable[[str], ml_collections.ConfigDict] | None = None,
+          stop_at_step: int | None = None) -> dict[str, Any]:
+  """Trains the configured stage, then, while a stage names a `next_stage`, that stage (`next_config(name)`: the
+  same config file's `get_config(name)`) from the previous one's best checkpoint. A chain writes stage k to
+  `<workdir>/stage<k>_<stage>`. Restarting the same command resumes: finished stages stop at once."""
   config_lib.validate(cfg)  # touches no JAX backend: with multihost, initialize() must be the first JAX call
   if cfg.multihost:
     distributed.initialize(cfg.distributed)
-  if not cfg.stage2.enabled:
+  if not cfg.next_stage:
     return Trainer(cfg, stop_at_step=stop_at_step).run()
-  c1 = copy.deepcopy(cfg)
-  with c1.unlocked():
-    c1.workdir = storage.join(cfg.workdir, "stage1_cot")
-    c1.stage2.enabled = False
-    c1.export_hf = False
-  r1 = Trainer(c1, stop_at_step=stop_at_step).run()
-  if r1.get("preempted"):
-    return {"stage1": r1, "preempted": True}
-  r2 = Trainer(stage2_config(cfg, c1.workdir)).run()
-  return {"stage1": r1, "stage2": r2, "preempted": r2.get("preempted", False)}
+  if next_config is None:
+    raise ValueError(f"config.next_stage={cfg.next_stage!r} needs the config file's get_config({cfg.next_stage!r}): "
+                     f"run it with python -m numina_jax.train --config FILE, or pass next_config")
+  c = copy.deepcopy(cfg)
+  with c.unlocked():
+    c.workdir = storage.join(cfg.workdir, f"stage1_{cfg.stage}")
+    c.export_hf = False
+  results = {"stage1": Trainer(c, stop_at_step=stop_at_step).run()}
+  prev, index, seen = c, 1, [cfg.stage]
+  while prev.next_stage and not results[f"stage{index}"].get("preempted"):
+    if prev.next_stage in seen:
+      raise ValueError(f"config.next_stage: the chain {' -> '.join(seen + [prev.next_stage])} comes back to a stage")
+    seen.append(prev.next_stage)
+    index += 1
+    nxt = config_lib.next_stage_config(prev, next_config(prev.next_stage), root=cfg.workdir, index=index,
+                                       previous_workdir=prev.workdir)
+    results[f"stage{index}"] = Trainer(nxt).run()
+    prev = nxt
+  results["preempted"] = results[f"stage{index}"].get("preempted", False)
+  return results
 
 
 class Trainer:
