@@ -6,6 +6,7 @@ tokens, each in its own subprocess so that peak memory (max RSS) is measured per
   python benchmarks/bench_model.py                       # ours (auto kernel) vs transformers
   python benchmarks/bench_model.py --kernel dense --remat full --steps 3
   python benchmarks/bench_model.py --breakdown           # per-block fwd+bwd times: attention vs MoE
+  python benchmarks/bench_model.py --json                # the same run, one JSON line on stdout
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ def parse_args(argv=None):
   p.add_argument("--threads", type=int, default=2, help="CPU threads for each side")
   p.add_argument("--only", choices=["ours", "reference"], help="run one side in this process (internal)")
   p.add_argument("--breakdown", action="store_true", help="time one attention block and one MoE block")
+  p.add_argument("--json", action="store_true",
+                 help="print one JSON line on stdout (ours_tokens_per_s, reference_tokens_per_s, ratio, ...); the "
+                      "readable lines go to stderr")
   return p.parse_args(argv)
 
 
@@ -243,22 +247,34 @@ def main(argv=None):
   if args.only:
     return child(args)
   tokens = args.batch * args.seq
+  log = sys.stderr if args.json else sys.stdout
   print(f"bench config: {BENCH}; batch {args.batch} x seq {args.seq} = {tokens} tokens/step, fp32, AdamW, "
-        f"{args.threads} threads; ours: kernel={args.kernel} tile={args.tile or 'default'} remat={args.remat}")
+        f"{args.threads} threads; ours: kernel={args.kernel} tile={args.tile or 'default'} remat={args.remat}",
+        file=log)
   results = {side: spawn(side, argv, args.threads) for side in ("ours", "reference")}
+  setup = {"config": BENCH, "batch": args.batch, "seq": args.seq, "threads": args.threads, "kernel": args.kernel,
+           "tile": args.tile, "remat": args.remat}
   if args.breakdown:
     for side, r in results.items():
       parts = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in r["breakdown_s"].items())
-      print(f"{side:9s}: fwd+bwd per block: {parts}")
+      print(f"{side:9s}: fwd+bwd per block: {parts}", file=log)
+    if args.json:
+      print(json.dumps({**setup, "ours_breakdown_s": results["ours"]["breakdown_s"],
+                        "reference_breakdown_s": results["reference"]["breakdown_s"]}))
     return
-  rates = {}
+  rates, out = {}, dict(setup, steps=args.steps, warmup=args.warmup)
   for side, r in results.items():
     med = sorted(r["times"])[len(r["times"]) // 2]
     rates[side] = tokens / med
     extra = f" ({r['impl'][0]} attention, {r['impl'][1]} experts)" if "impl" in r else ""
     print(f"{side:9s}: {rates[side]:8.0f} tokens/s  median step {med:6.2f} s  peak RSS {r['peak_rss_mib']:6.0f} MiB"
-          f"  loss {r['losses'][0]:.4f} -> {r['losses'][-1]:.4f}{extra}")
-  print(f"ours / reference: {rates['ours'] / rates['reference']:.2f}x")
+          f"  loss {r['losses'][0]:.4f} -> {r['losses'][-1]:.4f}{extra}", file=log)
+    out.update({f"{side}_tokens_per_s": rates[side], f"{side}_median_step_s": med,
+                f"{side}_peak_rss_mib": r["peak_rss_mib"], f"{side}_losses": r["losses"]})
+  out["ratio"] = rates["ours"] / rates["reference"]
+  print(f"ours / reference: {out['ratio']:.2f}x", file=log)
+  if args.json:
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":
