@@ -422,6 +422,12 @@ def _writer(mesh: Mesh, spec: P):
   return jax.jit(jax.shard_map(write, mesh=mesh, in_specs=(spec, spec, P()), out_specs=spec), donate_argnums=0)
 
 
+@functools.lru_cache(maxsize=None)
+def _reinterpret(dtype: np.dtype):
+  """The same bytes as `dtype` (of the same width), in place: the buffer is donated."""
+  return jax.jit(lambda buf: jax.lax.bitcast_convert_type(buf, dtype), donate_argnums=0)
+
+
 def _place(ckpt, cfg, entry, names, specs, shardings, np_dtype, chunk_bytes) -> list[jax.Array]:
   """Builds the parameters `names` of one weight-map entry. A device shard within `chunk_bytes` is assembled on
   the host and copied over whole; a larger one is read in pieces along the entry's row axis, each copied to its
@@ -460,13 +466,20 @@ def _place(ckpt, cfg, entry, names, specs, shardings, np_dtype, chunk_bytes) -> 
       targets = [sharding]
     else:
       targets = [NamedSharding(Mesh(np.array([d]), ("device",)), P()) for d in index_map]
-    bufs = [[jnp.zeros(shape if t is sharding else want, np_dtype, device=t) for t in targets] for _ in names]
-    for piece in _pieces(want, lead, axis, min(n_rows, max(1, chunk_bytes // row))):
+    # XLA:CPU computes bf16 (and f16) through f32, so an in-place write into a 2-byte float buffer rewrites all of
+    # it each time; such pieces go into a same-width unsigned buffer, reinterpreted once at the end.
+    carrier = np.dtype(f"uint{8 * np_dtype.itemsize}") if np_dtype.itemsize == 2 else np_dtype
+    bufs = [[jnp.zeros(shape if t is sharding else want, carrier, device=t) for t in targets] for _ in names]
+    # Each step reads one piece per distinct shard (group) before the write: together they stay within chunk_bytes.
+    rows = min(n_rows, max(1, chunk_bytes // (row * len(groups))))
+    for piece in _pieces(want, lead, axis, rows):
       local = [{} for _ in names]
       for spans, devices in groups.items():
         for k, part in enumerate(_read_piece(ckpt, cfg, entry, spans, piece, np_dtype)):
           for device in devices:
-            local[k][device] = jax.device_put(part, device)
+            local[k][device] = jax.device_put(part.view(carrier), device)
+        # The host copy of this shard's piece can go before the next shard's is read.
+        jax.block_until_ready([local[k][d] for k in range(len(names)) for d in devices])
       size = tuple(b - a for a, b in piece)
       starts = tuple(a for a, _ in piece)
       for k in range(len(names)):
@@ -479,6 +492,8 @@ def _place(ckpt, cfg, entry, names, specs, shardings, np_dtype, chunk_bytes) -> 
       del local
     for k in range(len(names)):
       for buf in bufs[k]:
+        if carrier != np_dtype:
+          buf = _reinterpret(np_dtype)(buf)
         shards[k].update({s.device: s.data for s in buf.addressable_shards})
   return [jax.make_array_from_single_device_arrays(shape, sharding, [p[d] for d in index_map]) for p in shards]
 
