@@ -466,9 +466,11 @@ def _place(ckpt, cfg, entry, names, specs, shardings, np_dtype, chunk_bytes) -> 
       targets = [sharding]
     else:
       targets = [NamedSharding(Mesh(np.array([d]), ("device",)), P()) for d in index_map]
-    # XLA:CPU computes bf16 (and f16) through f32, so an in-place write into a 2-byte float buffer rewrites all of
-    # it each time; such pieces go into a same-width unsigned buffer, reinterpreted once at the end.
-    carrier = np.dtype(f"uint{8 * np_dtype.itemsize}") if np_dtype.itemsize == 2 else np_dtype
+    # XLA:CPU computes bf16 (and f16) through f32, so each in-place write into a 2-byte float buffer there rewrites
+    # all of it (quadratic in the pieces); on CPU such pieces go into a same-width unsigned buffer, reinterpreted
+    # once at the end (which costs one shard of temporary memory). TPU and GPU write them natively.
+    on_cpu = all(d.platform == "cpu" for d in index_map)
+    carrier = np.dtype(f"uint{8 * np_dtype.itemsize}") if np_dtype.itemsize == 2 and on_cpu else np_dtype
     bufs = [[jnp.zeros(shape if t is sharding else want, carrier, device=t) for t in targets] for _ in names]
     # Each step reads one piece per distinct shard (group) before the write: together they stay within chunk_bytes.
     rows = min(n_rows, max(1, chunk_bytes // (row * len(groups))))
