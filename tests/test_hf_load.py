@@ -149,24 +149,29 @@ def _mapped_files():
     return {line.split()[-1] for line in f if line.rstrip().endswith(".safetensors")}
 
 
-def test_pieces_exact_and_nothing_stays_mapped(quantized):
-  """Shards larger than `chunk_bytes` go to the devices in pieces written in place there: the values are the same
-  as transformers' (one device, fp32) and as the one-piece load (a mesh, bf16), and no checkpoint file is left
-  mapped into the process afterwards."""
+@pytest.mark.parametrize("on_host", [True, False], ids=["host_fill", "device_writes"])
+def test_pieces_exact_and_nothing_stays_mapped(quantized, on_host, monkeypatch):
+  """Shards larger than `chunk_bytes` are read in pieces, filled into a host buffer the CPU device adopts, or (as
+  on TPU) written into device buffers in place: either way the values are transformers' (one device, fp32) and
+  the one-piece load's (a mesh, bf16), and no checkpoint file is left mapped into the process afterwards."""
+  from numina_jax.hf import load
+
+  monkeypatch.setattr(load, "_fills_on_host", lambda devices: on_host)
   path, ref, _, _ = quantized
   cfg = GptOssConfig.from_pretrained(path)
   want = _ours_from_hf_state(ref, cfg)
+  whole, _ = load_pretrained_params(path, "bfloat16", make_mesh({"fsdp": 2, "tensor": 2, "expert": 2}),
+                                    progress=False)
   # 32 KiB: the embedding and lm_head (300 x 64) go in 128-row pieces with a ragged tail, the experts one expert
   # at a time, q_w a layer at a time; norms and biases stay whole.
   _writer.cache_clear()
   params, _ = load_pretrained_params(path, progress=False, chunk_bytes=32 << 10)
-  assert _writer.cache_info().misses > 0  # some shards did go in pieces
   for name, w in want.items():
     assert params[name].sharding == jax.sharding.SingleDeviceSharding(jax.devices()[0]), name
     np.testing.assert_array_equal(np.asarray(params[name]), w, err_msg=name)
-  mesh = make_mesh({"fsdp": 2, "tensor": 2, "expert": 2})
-  pieces, _ = load_pretrained_params(path, "bfloat16", mesh, progress=False, chunk_bytes=32 << 10)
-  whole, _ = load_pretrained_params(path, "bfloat16", mesh, progress=False)
+  pieces, _ = load_pretrained_params(path, "bfloat16", make_mesh({"fsdp": 2, "tensor": 2, "expert": 2}),
+                                     progress=False, chunk_bytes=32 << 10)
+  assert (_writer.cache_info().misses > 0) == (not on_host)  # the in-place device writes ran, or did not
   for name, arr in whole.items():
     assert pieces[name].sharding == arr.sharding, name
     np.testing.assert_array_equal(np.asarray(pieces[name]), np.asarray(arr), err_msg=name)
@@ -181,8 +186,10 @@ import sys
 import jax
 jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
 import numpy as np
+from numina_jax.hf import load
 from numina_jax.hf.load import load_pretrained_params
 from numina_jax.sharding import make_mesh
+load._fills_on_host = lambda devices: False  # as on TPU: pieces written in place through the global mesh
 params, _ = load_pretrained_params(sys.argv[3], "bfloat16", make_mesh({"fsdp": 2, "tensor": 2, "expert": 2}),
                                    progress=False, chunk_bytes=16 << 10)
 shards = [(name, [(i.start, i.stop) for i in s.index], s.device.id, np.asarray(s.data))

@@ -367,7 +367,7 @@ def _concrete(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[i
 
 
 # Host bytes of one piece (over all targets of an entry, counted in fp32 as dequantization and casts work in it):
-# the loader holds about three pieces beyond the parameters on the devices.
+# the loader holds about three pieces' worth of temporaries beyond the parameters.
 CHUNK_BYTES = 64 << 20
 
 # The axis of our per-layer (or global) parameter along which its Hugging Face tensor is stored row by row, so that
@@ -422,17 +422,29 @@ def _writer(mesh: Mesh, spec: P):
   return jax.jit(jax.shard_map(write, mesh=mesh, in_specs=(spec, spec, P()), out_specs=spec), donate_argnums=0)
 
 
-@functools.lru_cache(maxsize=None)
-def _reinterpret(dtype: np.dtype):
-  """The same bytes as `dtype` (of the same width), in place: the buffer is donated."""
-  return jax.jit(lambda buf: jax.lax.bitcast_convert_type(buf, dtype), donate_argnums=0)
+def _fills_on_host(devices) -> bool:
+  """Whether these devices keep their buffers in host memory (CPU): a shard is then filled where it will live."""
+  return all(d.platform == "cpu" for d in devices)
+
+
+_ALIGN = 64  # XLA:CPU adopts host buffers aligned to this without a copy
+
+
+def _host_buffer(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+  nbytes = math.prod(shape) * dtype.itemsize
+  raw = np.empty(nbytes + _ALIGN, np.uint8)
+  start = -raw.ctypes.data % _ALIGN
+  return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
 def _place(ckpt, cfg, entry, names, specs, shardings, np_dtype, chunk_bytes) -> list[jax.Array]:
-  """Builds the parameters `names` of one weight-map entry. A device shard within `chunk_bytes` is assembled on
-  the host and copied over whole; a larger one is read in pieces along the entry's row axis, each copied to its
-  devices and written into a zero buffer there in place, so the host never holds a whole shard (one layer of
-  stacked experts is 3 GiB in fp32)."""
+  """Builds the parameters `names` of one weight-map entry, reading each device shard in pieces of at most about
+  `chunk_bytes` along the entry's row axis, so the host holds a piece or two beyond the parameters:
+  - on CPU devices (whose memory is host memory) each shard is filled piece by piece in a host buffer that the
+    device then adopts without a copy;
+  - elsewhere a shard within `chunk_bytes` is assembled on the host and copied over whole, and a larger one goes
+    piece by piece to its devices, each piece written there in place into a zero buffer (one layer of stacked
+    experts is 3 GiB in fp32: no host ever holds it whole)."""
   shape = specs[names[0]].shape
   sharding = shardings[names[0]]
   assert all(specs[n].shape == shape and shardings[n] == sharding for n in names), names
@@ -448,15 +460,15 @@ def _place(ckpt, cfg, entry, names, specs, shardings, np_dtype, chunk_bytes) -> 
   row = len(names) * max(np_dtype.itemsize, 4) * math.prod(want[lead:]) // n_rows  # host bytes of one row
   shards: list[dict[jax.Device, jax.Array]] = [{} for _ in names]
 
-  if row * n_rows * (want[0] if lead else 1) <= chunk_bytes:
+  if _fills_on_host(index_map) or row * n_rows * (want[0] if lead else 1) <= chunk_bytes:
     for spans, devices in groups.items():
-      bufs = [np.empty(want, np_dtype) for _ in names]
-      for piece in _pieces(want, lead, axis, n_rows):
+      bufs = [_host_buffer(want, np_dtype) for _ in names]
+      for piece in _pieces(want, lead, axis, min(n_rows, max(1, chunk_bytes // row))):
         for buf, part in zip(bufs, _read_piece(ckpt, cfg, entry, spans, piece, np_dtype)):
           buf[tuple(slice(a, b) for a, b in piece)] = part
       for k, buf in enumerate(bufs):
-        for device in devices:
-          shards[k][device] = jax.device_put(buf, device)
+        for device in devices:  # CPU devices share the (immutable) buffer; others copy it
+          shards[k][device] = jax.device_put(buf, device, may_alias=True)
       # Wait for the copies so the host buffers of this shard can go before the next one is read.
       jax.block_until_ready([shards[k][d] for k in range(len(names)) for d in devices])
       del bufs
@@ -466,12 +478,7 @@ def _place(ckpt, cfg, entry, names, specs, shardings, np_dtype, chunk_bytes) -> 
       targets = [sharding]
     else:
       targets = [NamedSharding(Mesh(np.array([d]), ("device",)), P()) for d in index_map]
-    # XLA:CPU computes bf16 (and f16) through f32, so each in-place write into a 2-byte float buffer there rewrites
-    # all of it (quadratic in the pieces); on CPU such pieces go into a same-width unsigned buffer, reinterpreted
-    # once at the end (which costs one shard of temporary memory). TPU and GPU write them natively.
-    on_cpu = all(d.platform == "cpu" for d in index_map)
-    carrier = np.dtype(f"uint{8 * np_dtype.itemsize}") if np_dtype.itemsize == 2 and on_cpu else np_dtype
-    bufs = [[jnp.zeros(shape if t is sharding else want, carrier, device=t) for t in targets] for _ in names]
+    bufs = [[jnp.zeros(shape if t is sharding else want, np_dtype, device=t) for t in targets] for _ in names]
     # Each step reads one piece per distinct shard (group) before the write: together they stay within chunk_bytes.
     rows = min(n_rows, max(1, chunk_bytes // (row * len(groups))))
     for piece in _pieces(want, lead, axis, rows):
@@ -479,7 +486,7 @@ def _place(ckpt, cfg, entry, names, specs, shardings, np_dtype, chunk_bytes) -> 
       for spans, devices in groups.items():
         for k, part in enumerate(_read_piece(ckpt, cfg, entry, spans, piece, np_dtype)):
           for device in devices:
-            local[k][device] = jax.device_put(part.view(carrier), device)
+            local[k][device] = jax.device_put(part, device)
         # The host copy of this shard's piece can go before the next shard's is read.
         jax.block_until_ready([local[k][d] for k in range(len(names)) for d in devices])
       size = tuple(b - a for a, b in piece)
@@ -494,8 +501,6 @@ def _place(ckpt, cfg, entry, names, specs, shardings, np_dtype, chunk_bytes) -> 
       del local
     for k in range(len(names)):
       for buf in bufs[k]:
-        if carrier != np_dtype:
-          buf = _reinterpret(np_dtype)(buf)
         shards[k].update({s.device: s.data for s in buf.addressable_shards})
   return [jax.make_array_from_single_device_arrays(shape, sharding, [p[d] for d in index_map]) for p in shards]
 
