@@ -5,6 +5,7 @@ tokens, each in its own subprocess so that peak memory (max RSS) is measured per
 
   python benchmarks/bench_model.py                       # ours (auto kernel) vs transformers
   python benchmarks/bench_model.py --kernel dense --remat full --steps 3
+  python benchmarks/bench_model.py --attention dense     # the reference attention (every score, masked)
   python benchmarks/bench_model.py --breakdown           # per-block fwd+bwd times: attention vs MoE
   python benchmarks/bench_model.py --json                # the same run, one JSON line on stdout
 """
@@ -32,7 +33,9 @@ def parse_args(argv=None):
   p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocator warm-up)")
   p.add_argument("--seq", type=int, default=1024, help="sequence length")
   p.add_argument("--batch", type=int, default=4, help="sequences per step")
-  p.add_argument("--kernel", default="auto", choices=["auto", "tiled", "ragged", "dense"], help="our MoE kernel")
+  p.add_argument("--kernel", default="auto", choices=["auto", "tiled", "ragged", "gmm", "dense"], help="our MoE kernel")
+  p.add_argument("--attention", default="auto", choices=["auto", "xla", "dense"],
+                 help="our attention implementation (auto: blockwise xla on CPU)")
   p.add_argument("--tile", type=int, default=None,
                  help="row tile of the tiled MoE kernel (default: the model's; 256 is fastest on the bench config)")
   p.add_argument("--remat", default="none", help="our remat policy (numina_jax.model.REMAT_POLICIES)")
@@ -90,7 +93,7 @@ def run_ours(args, cfg):
   tile = {} if args.tile is None else {"moe_tile": args.tile}
 
   def loss_fn(p, ids):
-    logits = forward(p, ids, cfg, remat_policy=args.remat, moe_kernel=args.kernel, **tile)
+    logits = forward(p, ids, cfg, remat_policy=args.remat, moe_kernel=args.kernel, attention=args.attention, **tile)
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
     return -jnp.mean(jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1))
 
@@ -152,7 +155,7 @@ def breakdown_ours(args, cfg, reps=5):
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from numina_jax.model import layers
+  from numina_jax.model import attention, layers, moe as moe_lib
   from numina_jax.model.config import yarn_inv_freq
   params = make_params(cfg)
   p = {k.split("/")[1]: jnp.asarray(v[0]) for k, v in params.items() if k.startswith("layers/")}
@@ -160,21 +163,22 @@ def breakdown_ours(args, cfg, reps=5):
   x = jnp.asarray(np.random.default_rng(2).standard_normal((B, T, D), np.float32))
   inv, factor = yarn_inv_freq(cfg)
   cos, sin = layers.rope_cos_sin(jnp.broadcast_to(jnp.arange(T), (B, T)), inv, factor, jnp.float32)
-  full, sliding = layers.attention_masks(jnp.ones((B, T), jnp.int32), cfg.sliding_window)
-  kernel = layers.resolve_moe_kernel(args.kernel)
+  seg = jnp.ones((B, T), jnp.int32)
+  kernel = moe_lib.resolve_moe_kernel(args.kernel)
+  impl = attention.resolve_attention(args.attention)
 
-  def attn(p, x, mask):
-    return jnp.sum(layers.attention(p, x, cos, sin, mask, jnp.float32))
+  def attn(p, x, window):
+    return jnp.sum(attention.attention(p, x, cos, sin, seg, window=window, impl=impl))
 
   def moe(p, x):
-    y, _ = layers.moe(p, x, top_k=cfg.num_experts_per_tok, limit=cfg.swiglu_limit, alpha=cfg.swiglu_alpha,
-                      kernel=kernel, tile=64 if args.tile is None else args.tile)
+    y, _, _ = moe_lib.moe(p, x, top_k=cfg.num_experts_per_tok, limit=cfg.swiglu_limit, alpha=cfg.swiglu_alpha,
+                          kernel=kernel, tile=64 if args.tile is None else args.tile)
     return jnp.sum(y)
 
   out = {}
-  for name, fn, extra in [("attention_full", attn, (full,)), ("attention_sliding", attn, (sliding,)),
+  for name, fn, extra in [("attention_full", attn, (None,)), ("attention_sliding", attn, (cfg.sliding_window,)),
                           (f"moe_{kernel}", moe, ())]:
-    g = jax.jit(jax.grad(fn, argnums=(0, 1)))
+    g = jax.jit(jax.grad(fn, argnums=(0, 1)), static_argnums=(2,) if extra else ())
     jax.block_until_ready(g(p, x, *extra))
     t = time.perf_counter()
     for _ in range(reps):
@@ -249,11 +253,11 @@ def main(argv=None):
   tokens = args.batch * args.seq
   log = sys.stderr if args.json else sys.stdout
   print(f"bench config: {BENCH}; batch {args.batch} x seq {args.seq} = {tokens} tokens/step, fp32, AdamW, "
-        f"{args.threads} threads; ours: kernel={args.kernel} tile={args.tile or 'default'} remat={args.remat}",
-        file=log)
+        f"{args.threads} threads; ours: kernel={args.kernel} tile={args.tile or 'default'} remat={args.remat} "
+        f"attention={args.attention}", file=log)
   results = {side: spawn(side, argv, args.threads) for side in ("ours", "reference")}
   setup = {"config": BENCH, "batch": args.batch, "seq": args.seq, "threads": args.threads, "kernel": args.kernel,
-           "tile": args.tile, "remat": args.remat}
+           "tile": args.tile, "remat": args.remat, "attention": args.attention}
   if args.breakdown:
     for side, r in results.items():
       parts = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in r["breakdown_s"].items())

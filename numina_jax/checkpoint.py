@@ -4,20 +4,23 @@ dict) and, for training runs, `opt_state` and `train_meta` (step, data-iterator 
 
 from __future__ import annotations
 
-import os
 from typing import Any, Mapping
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from numina_jax import storage
 from numina_jax.model.config import GptOssConfig
 
 PARAMS, MODEL_CONFIG, OPT_STATE, TRAIN_META = "params", "model_config", "opt_state", "train_meta"
 
 
 def _path(directory: str) -> epath.Path:
-  return epath.Path(directory) if "://" in str(directory) else epath.Path(os.path.abspath(directory))
+  """The folder as Orbax wants it; on gs:// with fresh listings, since another process or tensorstore may have
+  written there since this process last looked (on gs:// a finished step holds `commit_success.txt`)."""
+  storage.refresh(directory)
+  return storage.path(directory)
 
 
 def training_manager(directory: str, *, max_to_keep: int, keep_best: int = 0,

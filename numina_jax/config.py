@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
 import re
 from typing import Iterable
 
 import ml_collections
 
+from numina_jax.model.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from numina_jax.model.transformer import DTYPES, REMAT_POLICIES
 
-MOE_KERNELS = ("auto", "tiled", "ragged", "dense")
+MOE_KERNELS = ("auto", "tiled", "ragged", "gmm", "dense")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -26,7 +28,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.microbatch_size = 0  # sequences per forward/backward; 0 = the whole global batch (no accumulation)
   c.seq_len = 2048  # packed block length in tokens
   c.seed = 0  # seed for parameter init (random-init models) and data shuffling
-  c.workdir = "runs/default"  # run directory: checkpoints, metrics.jsonl, TensorBoard events, plots, export
+  c.workdir = "runs/default"  # run directory (local or gs://): checkpoints, metrics.jsonl, TensorBoard, plot, export
   c.log_every_steps = 10  # steps between metric lines (metrics.jsonl, TensorBoard, progress bar)
   c.checkpoint_every_steps = 500  # steps between checkpoints (0 = only at the end and on preemption)
   c.checkpoint_every_secs = 1800  # also checkpoint when this many seconds passed since the last (0 = off)
@@ -55,8 +57,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.sliding_window = 128  # tiny preset: keys seen by sliding layers (self included)
   c.model.param_dtype = "float32"  # master weights and optimizer state dtype
   c.model.dtype = "bfloat16"  # compute dtype of the forward/backward pass
-  c.model.moe_kernel = "auto"  # auto (tiled on CPU, ragged_dot on TPU/GPU) | tiled | ragged | dense
+  c.model.moe_kernel = "auto"  # auto (tiled on CPU, gmm on TPU, ragged on GPU) | tiled | ragged | gmm | dense
   c.model.moe_tile = 0  # rows per tile of the CPU tiled MoE kernel; 0 = chosen from the shapes
+  c.model.moe_capacity_factor = 0.0  # 0 = dropless; > 0 caps each expert at factor x its even share, counts drops
+  c.model.attention = "auto"  # auto (splash on TPU, xla elsewhere) | xla (blockwise) | dense (reference) | splash
   c.model.router_aux_loss_coef = 0.0  # weight of the load-balancing loss (the checkpoint's config says 0.9)
   c.model.z_loss_coef = 0.0  # weight of the z-loss (mean squared log-partition) on loss tokens
   c.model.loss_chunk = 512  # sequence chunk for the lm_head + cross-entropy, so full logits never exist at once
@@ -77,6 +81,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.clip_norm = 1.0  # global gradient-norm clipping (0 = off)
   c.optim.schedule = "cosine"  # cosine | linear | constant, after warmup
   c.optim.final_lr_ratio = 0.0  # final learning rate as a fraction of `lr`
+  c.optim.skip_nonfinite = False  # skip an update whose gradients are NaN/inf (counted as skipped_updates) instead of stopping
+  c.optim.max_consecutive_skips = 5  # with skip_nonfinite: after this many skips in a row the run stops
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.max_to_keep = 3  # most recent checkpoints kept
@@ -85,14 +91,21 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.stage2 = ml_collections.ConfigDict()
   c.stage2.enabled = False  # after this stage, run the TIR stage from its best checkpoint (in workdir/stage2_tir)
-  c.stage2.dataset_name = ""  # TIR dataset (data.dataset_name of stage 2)
+  c.stage2.dataset_name = ""  # TIR dataset (data.dataset_name of stage 2; stage 1's data.dataset_config is not carried over)
+  c.stage2.mixture = ()  # weighted TIR sources (data.mixture of stage 2); () = stage2.dataset_name alone
+  c.stage2.eval_dataset_name = ""  # eval source of stage 2; "" = held out from stage 2's own sources
   c.stage2.seq_len = 1024  # block length of stage 2
   c.stage2.num_epochs = 4  # epochs of stage 2
   c.stage2.max_steps = 0  # steps of stage 2 (0 = from epochs)
   c.stage2.warmup_ratio = 0.1  # warmup of stage 2
   c.stage2.lr = 2e-5  # peak learning rate of stage 2
 
-  c.multihost = False  # call jax.distributed.initialize() (set on multi-host TPU slices)
+  c.multihost = False  # start with jax.distributed.initialize() (multi-host slices and clusters)
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.coordinator_address = ""  # host:port of process 0; "" = auto-detect (Cloud TPU, SLURM, Open MPI, Kubernetes)
+  c.distributed.num_processes = 0  # processes in the job; 0 = auto-detect
+  c.distributed.process_id = -1  # this process's index; -1 = auto-detect
+  c.distributed.initialization_timeout = 300  # seconds to wait for every process to connect to the coordinator
   return c
 
 
@@ -150,6 +163,12 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   need(m.dtype in DTYPES, "model.dtype", f"{m.dtype!r} is not one of {', '.join(DTYPES)}")
   need(m.moe_kernel in MOE_KERNELS, "model.moe_kernel", f"{m.moe_kernel!r} is not one of {', '.join(MOE_KERNELS)}")
   need(m.moe_tile >= 0, "model.moe_tile", f"must be >= 0 (0 = auto), got {m.moe_tile}")
+  need(m.moe_capacity_factor >= 0, "model.moe_capacity_factor",
+       f"must be >= 0 (0 = dropless), got {m.moe_capacity_factor}")
+  need(not (m.moe_capacity_factor and m.moe_kernel == "dense"), "model.moe_capacity_factor",
+       "needs a grouped moe_kernel (auto, tiled, ragged or gmm); dense is the dropless reference")
+  need(m.attention in ATTENTION_IMPLEMENTATIONS, "model.attention",
+       f"{m.attention!r} is not one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
   need(m.loss_chunk >= 0, "model.loss_chunk", f"must be >= 0, got {m.loss_chunk}")
   need(m.router_aux_loss_coef >= 0, "model.router_aux_loss_coef", "must be >= 0")
   need(m.z_loss_coef >= 0, "model.z_loss_coef", "must be >= 0")
@@ -169,9 +188,43 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   need(0 <= o.final_lr_ratio <= 1, "optim.final_lr_ratio", "must be in [0, 1]")
   need(cfg.checkpoint.max_to_keep >= 1, "checkpoint.max_to_keep", "must be >= 1")
   need(cfg.checkpoint.keep_best >= 0, "checkpoint.keep_best", "must be >= 0")
-  if cfg.stage2.enabled:
-    need(bool(cfg.stage2.dataset_name), "stage2.dataset_name", "must be set when stage2.enabled")
-    need(cfg.stage2.seq_len > 1, "stage2.seq_len", "must be > 1")
-    need(cfg.stage2.lr > 0, "stage2.lr", "must be > 0")
+  need(o.max_consecutive_skips >= 1, "optim.max_consecutive_skips", "must be >= 1")
+  d = cfg.distributed
+  need(d.num_processes >= 0, "distributed.num_processes", f"must be >= 0 (0 = auto), got {d.num_processes}")
+  need(d.process_id >= -1, "distributed.process_id", f"must be >= 0, or -1 for auto, got {d.process_id}")
+  need(not (d.num_processes and d.process_id >= d.num_processes), "distributed.process_id",
+       f"{d.process_id} is not below distributed.num_processes {d.num_processes}")
+  need(d.initialization_timeout > 0, "distributed.initialization_timeout", "must be > 0 seconds")
+  if not cfg.multihost:
+    for f, unset in (("coordinator_address", ""), ("num_processes", 0), ("process_id", -1)):
+      need(d[f] == unset, f"distributed.{f}", "is set but config.multihost is False; add --config.multihost=True")
   from numina_jax.data import validate_data_config
   validate_data_config(cfg.data)
+  if cfg.stage2.enabled:
+    need(bool(cfg.stage2.dataset_name) or bool(cfg.stage2.mixture), "stage2.dataset_name",
+         "set stage2.dataset_name or stage2.mixture when stage2.enabled")
+    need(cfg.stage2.seq_len > 1, "stage2.seq_len", "must be > 1")
+    need(cfg.stage2.lr > 0, "stage2.lr", "must be > 0")
+    from numina_jax.data.sources import source_specs
+    data2 = stage2_data_config(cfg)
+    try:
+      validate_data_config(data2)
+    except ValueError as e:
+      raise ValueError(f"stage 2 (config.stage2.dataset_name / stage2.mixture): {e}") from None
+
+    def sources(data):
+      return sorted((s.name, s.config, s.split) for s in source_specs(data) if s.weight > 0)
+    need(sources(data2) != sources(cfg.data), "stage2.dataset_name",
+         f"stage 2 would train on stage 1's data {[s[0] for s in sources(cfg.data)]}; set stage2.dataset_name or "
+         f"stage2.mixture to the TIR data")
+
+
+def stage2_data_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The `data` section of stage 2: stage 1's rendering and packing options with stage 2's own sources."""
+  data = copy.deepcopy(cfg.data)
+  with data.unlocked():
+    data.dataset_name = cfg.stage2.dataset_name
+    data.mixture = cfg.stage2.mixture
+    data.dataset_config = ""
+    data.eval_dataset_name = cfg.stage2.eval_dataset_name
+  return data

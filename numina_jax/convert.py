@@ -7,10 +7,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import shutil
 import sys
+
+from numina_jax import storage
 
 USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, KeyError)
 
@@ -41,8 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
       description="Read a Hugging Face gpt-oss checkpoint (a local folder or a Hub id; MXFP4 experts are "
                   "dequantized) and write an Orbax checkpoint the trainer can start from.")
   imp.add_argument("--hf", required=True, metavar="PATH_OR_ID",
-                   help="local checkpoint folder, or a Hub repo id such as openai/gpt-oss-20b")
-  imp.add_argument("--out", required=True, metavar="CKPT_DIR", help="Orbax checkpoint folder to create")
+                   help="local checkpoint folder, or a Hub repo id such as openai/gpt-oss-20b (copy a gs:// "
+                        "folder to a local one first)")
+  imp.add_argument("--out", required=True, metavar="CKPT_DIR",
+                   help="Orbax checkpoint folder to create (local or gs://)")
   imp.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"),
                    help="parameter dtype to store (default: %(default)s; MXFP4 values are exact in both)")
   imp.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) for a Hub id")
@@ -57,9 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
       description="Write an Orbax checkpoint (a converted one, or a training run's workdir/checkpoints) as a "
                   "dense Hugging Face checkpoint that transformers' from_pretrained loads.")
   exp.add_argument("--checkpoint", required=True, metavar="CKPT_DIR",
-                   help="Orbax checkpoint folder (from `import`, or a run's workdir/checkpoints)")
+                   help="Orbax checkpoint folder (from `import`, or a run's workdir/checkpoints; local or gs://)")
   exp.add_argument("--step", type=int, default=None, help="step to export (default: the latest)")
-  exp.add_argument("--out", required=True, metavar="HF_DIR", help="folder for the HF checkpoint")
+  exp.add_argument("--out", required=True, metavar="HF_DIR", help="folder for the HF checkpoint (local or gs://)")
   exp.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"),
                    help="dtype of the written tensors (default: %(default)s)")
   exp.add_argument("--tokenizer", default=None, metavar="PATH_OR_ID",
@@ -73,17 +75,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_out(path: str, overwrite: bool) -> None:
-  if os.path.exists(path) and not os.path.isdir(path):
+  storage.refresh(path)
+  out = storage.path(path)
+  if out.exists() and not out.is_dir():
     raise NotADirectoryError(f"--out {path} exists and is not a folder")
-  if os.path.isdir(path) and os.listdir(path) and not overwrite:
+  if storage.listdir(path) and not overwrite:
     raise FileExistsError(f"--out {path} is not empty; pass --overwrite to write into it")
 
 
 def _orbax_steps(path: str) -> list[str]:
   """The step folders of an Orbax checkpoint folder; refuses a folder that holds anything else."""
-  entries = os.listdir(path)
+  entries = storage.listdir(path)
   steps = [e for e in entries if re.fullmatch(r"\d+(\.orbax-checkpoint-tmp.*)?", e)
-           and os.path.isdir(os.path.join(path, e))]
+           and storage.path(storage.join(path, e)).is_dir()]
   others = sorted(set(entries) - set(steps))
   if others:
     raise FileExistsError(f"--out {path} holds more than checkpoint steps ({', '.join(others[:5])}); "
@@ -97,11 +101,11 @@ def run_import(args) -> None:
   from numina_jax.sharding import make_mesh
 
   _check_out(args.out, args.overwrite)
-  stale = _orbax_steps(args.out) if os.path.isdir(args.out) else []
+  stale = _orbax_steps(args.out)
   mesh = make_mesh(args.mesh)
   params, cfg = load_pretrained_params(args.hf, args.dtype, mesh, revision=args.revision)
   for step in stale:  # only once the new weights are in hand
-    shutil.rmtree(os.path.join(args.out, step))
+    storage.rmtree(storage.join(args.out, step))
   save_params(args.out, params, cfg)
   n = sum(int(p.size) for p in params.values())
   print(f"wrote {n / 1e9:.3f}B parameters ({args.dtype}) to {args.out}")
@@ -115,7 +119,8 @@ def run_export(args) -> None:
 
   parse_size(args.max_shard_size)  # a bad size fails before the restore
   _check_out(args.out, args.overwrite)
-  if not os.path.isdir(args.checkpoint) and "://" not in args.checkpoint:
+  storage.refresh(args.checkpoint)
+  if not storage.path(args.checkpoint).is_dir():
     raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such folder")
   cfg = load_model_config(args.checkpoint, args.step)
   shardings = param_shardings(param_specs(cfg), make_mesh(args.mesh))

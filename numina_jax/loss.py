@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from numina_jax.model import forward
-from numina_jax.model.layers import load_balancing_loss
+from numina_jax.model.moe import load_balancing_loss
 
 
 def lm_head_ce(h_BTD, lm_head_DV, targets_BT, mask_BT, *, chunk: int, dtype):
@@ -36,13 +36,18 @@ def lm_head_ce(h_BTD, lm_head_DV, targets_BT, mask_BT, *, chunk: int, dtype):
 
 
 def loss_terms(params, batch, model_cfg, *, dtype, remat_policy, moe_kernel, moe_tile, loss_chunk,
-               aux_coef: float, z_coef: float):
+               aux_coef: float, z_coef: float, moe_capacity_factor: float = 0.0, attention: str = "auto"):
   """Per-batch sums: (weighted loss sum, metrics). Dividing by the global loss-token count gives the mean."""
   need_router = aux_coef > 0
+  need_dropped = moe_capacity_factor > 0
   out = forward(params, batch["input_ids"], model_cfg, positions_BT=batch["positions"],
                 segment_ids_BT=batch["segment_ids"], dtype=dtype, remat_policy=remat_policy,
-                moe_kernel=moe_kernel, moe_tile=moe_tile, return_router_logits=need_router, return_hidden=True)
-  h, router = out if need_router else (out, None)
+                moe_kernel=moe_kernel, moe_tile=moe_tile, moe_capacity_factor=moe_capacity_factor,
+                attention=attention, return_router_logits=need_router, return_hidden=True,
+                return_moe_dropped=need_dropped)
+  out = list(out) if (need_router or need_dropped) else [out]
+  h = out.pop(0)
+  router = out.pop(0) if need_router else None
   mask = batch["loss_mask"].astype(jnp.float32)
   ce_sum, z_sum = lm_head_ce(h, params["lm_head"], batch["targets"], mask, chunk=loss_chunk, dtype=dtype)
   total = ce_sum + z_coef * z_sum
@@ -50,4 +55,6 @@ def loss_terms(params, batch, model_cfg, *, dtype, remat_policy, moe_kernel, moe
   if need_router:
     aux = load_balancing_loss(router, (batch["segment_ids"] > 0).reshape(-1), model_cfg.num_experts_per_tok)
     metrics["aux"] = aux
+  if need_dropped:
+    metrics["moe_dropped"] = out.pop(0).astype(jnp.float32)
   return total, metrics

@@ -1,13 +1,24 @@
-"""What the user sees: metrics.jsonl, TensorBoard event files, a PNG plot, and FLOP accounting for MFU."""
+"""What the user sees: metrics.jsonl, TensorBoard event files, a PNG plot (in a local or gs:// workdir), and FLOP
+accounting for MFU."""
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
+import tempfile
 import time
+import uuid
+from pathlib import Path
 from typing import Any
 
 import jax
+
+from numina_jax import storage
+
+log = logging.getLogger("numina_jax")
+METRICS_FILE = "metrics.jsonl"
 
 # Dense bf16 peak FLOP/s per chip (vendor figures); CPU figure is the measured fp32 matmul rate per core here.
 PEAK_FLOPS = {
@@ -43,59 +54,160 @@ def flops_per_token(cfg, seq_len: int) -> float:
 
 
 class MetricWriter:
-  """One JSON line per logged step in workdir/metrics.jsonl, and TensorBoard events in workdir/tb."""
+  """The run's record: one JSON line per logged step in workdir/metrics.jsonl, TensorBoard events in workdir/tb.
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  Object stores cannot append (gcsfs turns `open('a')` into an overwrite), so the writer never appends there:
+  it keeps the run's lines and rewrites the whole object at each `flush`, at most every `flush_every_secs`
+  (default 60 s remote; `flush()` and `close()` always write). On a local disk each line is appended and
+  flushed at once. A trainer should `flush()` when it saves a checkpoint, so nothing up to it can be lost.
+
+  `resume_step`: the checkpoint step the run restarts from (0 for a fresh start). Lines of an earlier attempt
+  logged after that step are dropped, so after a crash and resume no step appears twice; None keeps all.
+  TensorBoard gets the same cut as a purge event. Only the writing process (`enabled`) touches files.
+  """
+
+  def __init__(self, workdir: str, enabled: bool = True, *, resume_step: int | None = None,
+               flush_every_secs: float | None = None):
     self.enabled = enabled
     self.workdir = workdir
-    self._tb = None
+    self.remote = storage.is_remote(workdir)
+    self.flush_every_secs = (60.0 if self.remote else 0.0) if flush_every_secs is None else flush_every_secs
+    self._path = storage.join(workdir, METRICS_FILE)
+    self._lines: list[str] = []  # remote: every line of the run, rewritten whole at each flush
+    self._dirty = False
+    self._last_flush = time.monotonic()
     self._f = None
-    if enabled:
-      self._f = open(os.path.join(workdir, "metrics.jsonl"), "a")
-      try:
-        from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(os.path.join(workdir, "tb"))
-      except ImportError:  # optional: metrics.jsonl stays the record
-        self._tb = None
+    self._tb = None
+    self._tb_local = None
+    if not enabled:
+      return
+    storage.makedirs(workdir)
+    storage.refresh(workdir)
+    old = storage.read_text(self._path)
+    if old is not None:
+      rows = _parse_lines(old, self._path)
+      kept = [line for line, r in rows if resume_step is None or r.get("step", 0) <= resume_step]
+      if len(kept) < len(rows):
+        log.info("%s: dropping %d line(s) logged after step %s by an earlier attempt", self._path,
+                 len(rows) - len(kept), resume_step)
+      if len(kept) < len(rows) or (old and not old.endswith("\n")):
+        storage.write_text(self._path, "".join(line + "\n" for line in kept))
+      self._lines = kept
+    if not self.remote:
+      self._f = storage.path(self._path).open("a")
+    self._open_tb(resume_step)
+
+  def _open_tb(self, resume_step: int | None) -> None:
+    try:
+      from tensorboardX import SummaryWriter
+    except ImportError:  # optional: metrics.jsonl stays the record
+      return
+    # Remote: events go to a local folder, copied up on flush (tensorboardX's own gs:// writer re-uploads the
+    # whole file on every flush and can block for minutes at exit if the storage went away).
+    if self.remote:
+      self._tb_local = tempfile.TemporaryDirectory(prefix="numina-tb-")
+    logdir = self._tb_local.name if self.remote else storage.join(self.workdir, "tb")
+    purge = None if resume_step is None else resume_step + 1
+    # A unique suffix: a restart in the same second on the same host must not replace the earlier file.
+    suffix = f".{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    self._tb = SummaryWriter(logdir, purge_step=purge, filename_suffix=suffix)
 
   def write_config(self, cfg, model_cfg) -> None:
     if not self.enabled:
       return
-    with open(os.path.join(self.workdir, "config.json"), "w") as f:
-      f.write(cfg.to_json_best_effort(indent=2))
-    with open(os.path.join(self.workdir, "model_config.json"), "w") as f:
-      json.dump(model_cfg.to_hf_dict(), f, indent=2)
+    storage.write_text(storage.join(self.workdir, "config.json"), cfg.to_json_best_effort(indent=2))
+    storage.write_text(storage.join(self.workdir, "model_config.json"),
+                       json.dumps(model_cfg.to_hf_dict(), indent=2))
 
   def write(self, step: int, record: dict[str, Any]) -> None:
     if not self.enabled:
       return
     record = {"step": step, "time": time.time(), **{k: v for k, v in record.items() if k != "step"}}
-    self._f.write(json.dumps(record) + "\n")
-    self._f.flush()
+    line = json.dumps(record)
+    if self._f is not None:
+      self._f.write(line + "\n")
+      self._f.flush()
+    else:
+      self._lines.append(line)
+    self._dirty = True
     if self._tb is not None:
       for k, v in record.items():
         if k not in ("step", "time") and isinstance(v, (int, float)):
           self._tb.add_scalar(k, v, step)
+    if time.monotonic() - self._last_flush >= self.flush_every_secs:
+      self.flush()
+
+  def flush(self) -> None:
+    """Makes everything written so far visible in workdir (rewrites metrics.jsonl and uploads tb/ if remote)."""
+    if not self.enabled:
+      return
+    self._last_flush = time.monotonic()
+    if self._tb is not None:
       self._tb.flush()
+    if not self._dirty:
+      return
+    if self.remote:
+      storage.write_text(self._path, "".join(line + "\n" for line in self._lines))
+      self._upload_tb()
+    self._dirty = False
+
+  def _upload_tb(self) -> None:
+    if self._tb_local is None:
+      return
+    root = Path(self._tb_local.name)
+    for f in sorted(root.rglob("*")):
+      if f.is_file():
+        storage.upload(f, storage.join(self.workdir, "tb", *f.relative_to(root).parts))
 
   def write_summary(self, summary: dict[str, Any]) -> None:
     if self.enabled:
-      with open(os.path.join(self.workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2, default=str)
+      storage.write_text(storage.join(self.workdir, "summary.json"),
+                         json.dumps(summary, indent=2, default=str))
 
   def close(self) -> None:
-    if self._f:
-      self._f.close()
+    if not self.enabled:
+      return
     if self._tb is not None:
       self._tb.close()
+      self._dirty = True  # close writes the last events
+    self.flush()
+    if self._f is not None:
+      self._f.close()
+      self._f = None
+    self._tb = None
+    if self._tb_local is not None:
+      self._tb_local.cleanup()
+      self._tb_local = None
+    self.enabled = False
+
+
+def _parse_lines(text: str, source: str) -> list[tuple[str, dict[str, Any]]]:
+  """(line, record) per line of a metrics.jsonl; a bad line is an error naming it, except an unfinished last
+  line (no newline: a writer stopped in the middle of it), which is left out with a warning."""
+  lines = text.split("\n")
+  out = []
+  for i, line in enumerate(lines):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+      if not isinstance(record, dict):
+        raise ValueError("not a JSON object")
+    except ValueError as e:
+      if i == len(lines) - 1:
+        log.warning("%s: leaving out the unfinished last line %d (%s)", source, i + 1, e)
+        continue
+      raise ValueError(f"{source} line {i + 1}: not a metrics record ({e}): {line[:200]!r}") from None
+    out.append((line, record))
+  return out
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  """The records of workdir/metrics.jsonl (a local folder or a bucket), in order; [] when there is none."""
+  path = storage.join(workdir, METRICS_FILE)
+  storage.refresh(workdir)
+  text = storage.read_text(path)
+  return [] if text is None else [r for _, r in _parse_lines(text, path)]
 
 
 def plot_metrics(workdir: str) -> str | None:
@@ -121,7 +233,9 @@ def plot_metrics(workdir: str) -> str | None:
   ax2.set_xlabel("step")
   ax2.grid(alpha=0.3)
   fig.tight_layout()
-  out = os.path.join(workdir, "training.png")
-  fig.savefig(out, dpi=100)
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=100)
   plt.close(fig)
+  out = storage.join(workdir, "training.png")
+  storage.write_bytes(out, buf.getvalue())
   return out

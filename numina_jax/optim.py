@@ -1,4 +1,5 @@
-"""AdamW with linear warmup then cosine (or linear / constant) decay, clipping, and a weight-decay mask."""
+"""AdamW with linear warmup then cosine (or linear / constant) decay, clipping, a weight-decay mask, and optionally
+skipping updates whose gradients are not finite."""
 
 from __future__ import annotations
 
@@ -38,5 +39,10 @@ def make_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation,
   if o.clip_norm:
     parts.append(optax.clip_by_global_norm(o.clip_norm))
   parts.append(optax.adamw(sched, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=decay_mask))
-  return optax.chain(*parts), sched
+  tx = optax.chain(*parts)
+  if o.get("skip_nonfinite", False):  # .get: partial optim configs (tests, benchmarks) predate the field
+    # A skipped step leaves parameters and moments as they were; its count is `skipped_updates` in the metrics.
+    # Past max_consecutive_skips optax applies the update, and the trainer stops on the non-finite parameters.
+    tx = optax.apply_if_finite(tx, max_consecutive_errors=o.get("max_consecutive_skips", 5))
+  return tx, sched
 

@@ -94,12 +94,13 @@ def make_plan(cfg, model_cfg, devices) -> Plan:
   import numpy as np
   from jax.sharding import NamedSharding, PartitionSpec as P
 
+  from numina_jax.model.attention import resolve_attention, splash_train_flops
   from numina_jax.model.params import count_params, param_specs
   from numina_jax.model.transformer import as_dtype
   from numina_jax.optim import make_optimizer
   from numina_jax.sharding import make_mesh, param_shardings
-  from numina_jax.step import BATCH_KEYS, StepConfig, batch_shardings, jit_train_step
-  from numina_jax.trainer import opt_state_shardings
+  from numina_jax.step import BATCH_KEYS, StepConfig, batch_shardings, host_flags_sharding, jit_train_step
+  from numina_jax.trainer import NUM_FLAGS, opt_state_shardings
 
   mesh = make_mesh(dict(cfg.mesh), devices)
   specs = param_specs(model_cfg)
@@ -121,13 +122,21 @@ def make_plan(cfg, model_cfg, devices) -> Plan:
   batch_abs = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_mask" else jnp.int32, sharding=b_shard[k])
                for k in BATCH_KEYS}
   sc = StepConfig.from_config(cfg, model_cfg)
-  step = jit_train_step(sc, tx, schedule, state_shard, mesh)
+  # The step exactly as the trainer runs it, with the hosts' flags.
+  flags_abs = jax.ShapeDtypeStruct((mesh.size, NUM_FLAGS), jnp.int32, sharding=host_flags_sharding(mesh))
+  step = jit_train_step(sc, tx, schedule, state_shard, mesh, host_flags=True)
   with jax.set_mesh(mesh):
-    compiled = step.lower(state_abs, batch_abs).compile()
+    compiled = step.lower(state_abs, batch_abs, flags_abs).compile()
+    splash = resolve_attention(cfg.model.attention) == "splash"
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   if isinstance(cost, list):
     cost = cost[0] if cost else {}
+  flops = (cost or {}).get("flops")
+  if flops and splash:  # the Pallas kernels carry no cost estimate
+    micro = cfg.microbatch_size or cfg.global_batch_size
+    flops += splash_train_flops(model_cfg, micro, cfg.seq_len, mesh, recompute=cfg.remat_policy != "none") \
+        * (cfg.global_batch_size // micro)
 
   def per_device_bytes(tree) -> float:
     total = 0.0
@@ -146,7 +155,7 @@ def make_plan(cfg, model_cfg, devices) -> Plan:
       state_bytes_per_device=per_device_bytes({"p": state_abs["params"], "o": state_abs["opt_state"]}),
       argument_bytes=arg, output_bytes=out, alias_bytes=alias, temp_bytes=temp,
       peak_bytes=arg + temp + max(out - alias, 0.0), hbm_bytes=device_memory(devices[0]),
-      flops_per_device=(cost or {}).get("flops"), tokens_per_step=shape[0] * shape[1])
+      flops_per_device=flops, tokens_per_step=shape[0] * shape[1])
 
 
 def model_config_from(cfg, model_config_path: str | None):

@@ -1,7 +1,8 @@
 """The pure train and eval steps, jitted over the mesh with explicit shardings and donated state.
 
 State is a dict {"step", "params", "opt_state"}; a batch is a dict of [B, T] arrays (input_ids, targets,
-loss_mask, segment_ids, positions) for the whole global batch.
+loss_mask, segment_ids, positions) for the whole global batch. The jitted train step can also take one row of
+small int flags per device and return their maximum over all devices: how hosts agree (see trainer.HostSignals).
 """
 
 from __future__ import annotations
@@ -29,25 +30,30 @@ class StepConfig:
   remat_policy: str = "full"
   moe_kernel: str = "auto"
   moe_tile: int = 0
+  moe_capacity_factor: float = 0.0
+  attention: str = "auto"
   loss_chunk: int = 512
   aux_coef: float = 0.0
   z_coef: float = 0.0
   num_microbatches: int = 1
+  nan_at_step: int = 0  # test hook: the loss (and so the gradients) of this 1-based step become NaN; 0 = off
 
   @classmethod
   def from_config(cls, cfg, model_cfg: GptOssConfig) -> "StepConfig":
     from numina_jax.model.transformer import as_dtype
     micro = cfg.microbatch_size or cfg.global_batch_size
     return cls(model=model_cfg, dtype=as_dtype(cfg.model.dtype), remat_policy=cfg.remat_policy,
-               moe_kernel=cfg.model.moe_kernel, moe_tile=cfg.model.moe_tile, loss_chunk=cfg.model.loss_chunk,
+               moe_kernel=cfg.model.moe_kernel, moe_tile=cfg.model.moe_tile,
+               moe_capacity_factor=cfg.model.moe_capacity_factor, attention=cfg.model.attention,
+               loss_chunk=cfg.model.loss_chunk,
                aux_coef=cfg.model.router_aux_loss_coef, z_coef=cfg.model.z_loss_coef,
                num_microbatches=cfg.global_batch_size // micro)
 
 
 def _terms(params, batch, sc: StepConfig):
   return loss_terms(params, batch, sc.model, dtype=sc.dtype, remat_policy=sc.remat_policy,
-                    moe_kernel=sc.moe_kernel, moe_tile=sc.moe_tile, loss_chunk=sc.loss_chunk,
-                    aux_coef=sc.aux_coef, z_coef=sc.z_coef)
+                    moe_kernel=sc.moe_kernel, moe_tile=sc.moe_tile, attention=sc.attention, loss_chunk=sc.loss_chunk,
+                    aux_coef=sc.aux_coef, z_coef=sc.z_coef, moe_capacity_factor=sc.moe_capacity_factor)
 
 
 def train_step(state, batch, *, sc: StepConfig, tx: optax.GradientTransformation, schedule):
@@ -62,6 +68,8 @@ def train_step(state, batch, *, sc: StepConfig, tx: optax.GradientTransformation
 
   def micro_loss(p, mb):
     total, m = _terms(p, mb, sc)
+    if sc.nan_at_step:
+      total = total * jnp.where(state["step"] + 1 == sc.nan_at_step, jnp.nan, 1.0)
     loss = total / n_tokens
     if sc.aux_coef:
       loss = loss + sc.aux_coef * m["aux"] / n_micro
@@ -101,6 +109,10 @@ def train_step(state, batch, *, sc: StepConfig, tx: optax.GradientTransformation
     metrics["z_loss"] = m["z_sum"] / n_tokens
   if sc.aux_coef:
     metrics["aux_loss"] = m["aux"] / n_micro
+  if isinstance(opt_state, optax.ApplyIfFiniteState):
+    metrics["skipped_updates"] = opt_state.total_notfinite
+  if sc.moe_capacity_factor:
+    metrics["moe_dropped"] = m["moe_dropped"]  # expert assignments dropped by the capacity limit, whole step
   return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
 
@@ -115,11 +127,30 @@ def batch_shardings(mesh) -> dict[str, NamedSharding]:
   return {k: NamedSharding(mesh, spec) for k in BATCH_KEYS}
 
 
-def jit_train_step(sc: StepConfig, tx, schedule, state_shardings, mesh):
+def host_flags_sharding(mesh) -> NamedSharding:
+  """[devices, flags]: one row per device of the mesh, so every host contributes through its own devices."""
+  return NamedSharding(mesh, P(tuple(mesh.axis_names), None))
+
+
+def _train_step_with_flags(state, batch, flags_DF, **kw):
+  state, metrics = train_step(state, batch, **kw)
+  # Reduced inside the step: the all-reduce rides along with the step's own collectives, and every host reads
+  # the same value with the same step's metrics.
+  metrics["host_flags"] = jnp.max(flags_DF, axis=0)
+  return state, metrics
+
+
+def jit_train_step(sc: StepConfig, tx, schedule, state_shardings, mesh, *, host_flags: bool = False):
+  """`step(state, batch) -> (state, metrics)`; with `host_flags`, `step(state, batch, flags_DF)` and
+  `metrics["host_flags"]`, the maximum of each flag over all devices (see `host_flags_sharding`)."""
   rep = NamedSharding(mesh, P())
-  fn = functools.partial(train_step, sc=sc, tx=tx, schedule=schedule)
-  return jax.jit(fn, in_shardings=(state_shardings, batch_shardings(mesh)),
-                 out_shardings=(state_shardings, rep), donate_argnums=(0,))
+  if host_flags:
+    fn = functools.partial(_train_step_with_flags, sc=sc, tx=tx, schedule=schedule)
+    in_shardings = (state_shardings, batch_shardings(mesh), host_flags_sharding(mesh))
+  else:
+    fn = functools.partial(train_step, sc=sc, tx=tx, schedule=schedule)
+    in_shardings = (state_shardings, batch_shardings(mesh))
+  return jax.jit(fn, in_shardings=in_shardings, out_shardings=(state_shardings, rep), donate_argnums=(0,))
 
 
 def jit_eval_step(sc: StepConfig, param_shardings, mesh):

@@ -11,9 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import subprocess
 import sys
+
+from numina_jax import storage
 
 
 def parse_lrs(text: str) -> list[float]:
@@ -33,7 +34,7 @@ def parse_lrs(text: str) -> list[float]:
 
 
 def trial_dir(base: str, lr: float) -> str:
-  return os.path.join(base, "sweep", f"lr_{lr:g}")
+  return storage.join(base, "sweep", f"lr_{lr:g}")
 
 
 def run_trial(config: str, lr: float, steps: int, workdir: str, extra: list[str]) -> dict:
@@ -42,11 +43,11 @@ def run_trial(config: str, lr: float, steps: int, workdir: str, extra: list[str]
          "--config.export_hf=False", *extra]
   print(f"\n=== lr={lr:g}: {' '.join(cmd[1:])}", flush=True)
   proc = subprocess.run(cmd)
-  summary_path = os.path.join(workdir, "summary.json")
-  if proc.returncode != 0 or not os.path.exists(summary_path):
+  storage.refresh(workdir)  # the trial's process wrote it
+  text = storage.read_text(storage.join(workdir, "summary.json"))
+  if proc.returncode != 0 or text is None:
     return {"lr": lr, "status": f"failed (exit {proc.returncode})", "workdir": workdir}
-  with open(summary_path) as f:
-    s = json.load(f)
+  s = json.loads(text)
   return {"lr": lr, "status": "preempted" if s.get("preempted") else "ok", "workdir": workdir,
           "final_loss": s.get("final_loss"), "eval_loss": s.get("eval_loss"), "steps": s.get("final_step")}
 
@@ -98,9 +99,9 @@ def main(argv=None) -> int:
     print("no trial finished")
     return 1
   print(f"best lr: {best['lr']:g} ({best['workdir']})")
-  os.makedirs(os.path.join(base, "sweep"), exist_ok=True)
-  with open(os.path.join(base, "sweep", "results.json"), "w") as f:
-    json.dump({"trials": rows, "best": best}, f, indent=2)
+  storage.makedirs(storage.join(base, "sweep"))
+  storage.write_text(storage.join(base, "sweep", "results.json"),
+                     json.dumps({"trials": rows, "best": best}, indent=2))
   return 0
 
 

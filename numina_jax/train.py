@@ -5,7 +5,9 @@
   python -m numina_jax.train --config configs/oss120b_v5.py:tir   # stage 2 (tool-integrated reasoning)
 
 Every field of the config can be overridden as --config.FIELD=VALUE (e.g. --config.data.dataset_name=...).
-Rerunning the same command resumes from the latest checkpoint in the workdir.
+Rerunning the same command resumes from the latest checkpoint in the workdir. On several hosts every host runs
+the same command with --config.multihost=True (the coordinator is auto-detected on Cloud TPU, SLURM, Open MPI
+and Kubernetes; elsewhere set --config.distributed.coordinator_address/num_processes/process_id).
 """
 
 from __future__ import annotations
@@ -60,11 +62,12 @@ def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   _quiet_logs()
+  from numina_jax.distributed import DistributedStartError
   from numina_jax.trainer import NonFiniteLossError, train
   cfg = _CONFIG.value
   try:
     result = train(cfg)
-  except (NonFiniteLossError, ValueError, FileNotFoundError) as e:
+  except (NonFiniteLossError, DistributedStartError, ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
   _print_summary(result)
 

@@ -1,8 +1,18 @@
-"""The training loop: start (or resume), step, log, evaluate, checkpoint, survive preemption, export."""
+"""The training loop: start (or resume), step, log, evaluate, checkpoint, survive preemption, export.
+
+How hosts agree. Every decision that leads into a collective (save, evaluate, stop) is taken for the same step by
+every host. Evaluation and step-based checkpoints are functions of the step number. What one host alone may know
+(SIGTERM, the runtime's preemption notice, its clock saying a time-based checkpoint is due) goes into the jitted
+train step as a row of int flags per device; the step returns their maximum over all devices as a replicated
+output, read with that step's metrics. Metrics are read one step late, so the flags fed to step s take effect after
+step s + 1 on every host alike, at no cost of an extra blocking collective. The loss, gradient norm and parameter
+norm are replicated outputs too: every host finds the same step non-finite and stops there.
+"""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import os
@@ -19,37 +29,60 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from numina_jax import checkpoint as ckpt
 from numina_jax import config as config_lib
+from numina_jax import distributed
+from numina_jax import storage
 from numina_jax.metrics import MetricWriter, flops_per_token, peak_flops_per_device, plot_metrics
 from numina_jax.model.config import GptOssConfig
 from numina_jax.model.params import init_value, param_specs
 from numina_jax.model.transformer import as_dtype
 from numina_jax.optim import make_optimizer
+from numina_jax.progress import Progress
 from numina_jax.sharding import make_mesh, param_shardings
-from numina_jax.step import BATCH_KEYS, StepConfig, batch_shardings, jit_eval_step, jit_train_step
+from numina_jax.step import (BATCH_KEYS, StepConfig, batch_shardings, host_flags_sharding, jit_eval_step,
+                             jit_train_step)
 
 log = logging.getLogger("numina_jax")
+
+# Test hooks, read only by tests: this host's clock runs this many times faster (hosts whose clocks disagree about
+# when a time-based checkpoint is due), and the loss of this 1-based step becomes NaN.
+CLOCK_RATE_ENV = "NUMINA_JAX_TEST_CLOCK_RATE"
+NAN_AT_STEP_ENV = "NUMINA_JAX_TEST_NAN_AT_STEP"
+
+STOP, CHECKPOINT_DUE = 0, 1  # columns of the host flags
+NUM_FLAGS = 2
 
 
 class NonFiniteLossError(RuntimeError):
   pass
 
 
-class _Preemption:
-  """Turns SIGTERM (a preempted spot TPU VM) into a flag the loop checks between steps."""
+class _NonFinite(Exception):
+  def __init__(self, step: int, what: list[str]):
+    super().__init__(step, what)
+    self.step, self.what = step, what
 
-  def __init__(self):
-    self.requested = False
+
+class HostSignals:
+  """This host's own view, as the flags it feeds into each train step (columns STOP and CHECKPOINT_DUE).
+
+  STOP: SIGTERM arrived (a preempted spot VM), or the distributed runtime reached its preemption sync point.
+  CHECKPOINT_DUE: `checkpoint_every_secs` passed on this host's clock since its last save.
+  """
+
+  def __init__(self, checkpoint_every_secs: float):
+    self.every = float(checkpoint_every_secs)
+    self.rate = float(os.environ.get(CLOCK_RATE_ENV, "1"))
+    self.sigterm = False
     self._old = None
+    self._last_save = self._clock()
 
-  def __enter__(self):
-    if jax.process_count() > 1:
-      # jax.distributed's preemption notifier catches SIGTERM itself; a Python handler would replace its handler
-      # and no host would ever reach the preemption sync point.
-      return self
+  def _clock(self) -> float:
+    return time.monotonic() * self.rate
 
+  def __enter__(self) -> "HostSignals":
     def handler(signum, frame):
-      self.requested = True
-      log.warning("SIGTERM received: saving a checkpoint after this step, then exiting")
+      self.sigterm = True
+      log.warning("SIGTERM received: every host saves a checkpoint after the next step, then exits")
     try:
       self._old = signal.signal(signal.SIGTERM, handler)
     except ValueError:  # not the main thread
@@ -60,14 +93,30 @@ class _Preemption:
     if self._old is not None:
       signal.signal(signal.SIGTERM, self._old)
 
-  def agreed(self, step: int) -> bool:
-    """Whether to checkpoint and stop after `step`; on several hosts, all of them agree on the same step."""
-    if jax.process_count() == 1:
-      return self.requested
-    # The distributed runtime propagates a preemption notice to every host in the background and names one
-    # step for all to stop at, without a blocking collective on every step.
-    from jax.experimental import multihost_utils
-    return multihost_utils.reached_preemption_sync_point(step)
+  def flags(self, step: int) -> np.ndarray:
+    """The flags for `step` (1-based), the step about to be dispatched."""
+    stop = self.sigterm or _preemption_notice(step)
+    due = self.every > 0 and self._clock() - self._last_save >= self.every
+    return np.array([stop, due], np.int32)
+
+  def saved(self) -> None:
+    self._last_save = self._clock()
+
+
+def _preemption_notice(step: int) -> bool:
+  if jax.process_count() == 1:
+    return False
+  # A notice the runtime got by other means than our SIGTERM handler; it names the same step on every host.
+  from jax.experimental import multihost_utils
+  return multihost_utils.reached_preemption_sync_point(step)
+
+
+@dataclasses.dataclass(frozen=True)
+class Agreed:
+  """The host flags as every host read them from the metrics of `step`."""
+  step: int = 0
+  stop: bool = False
+  checkpoint_due: bool = False
 
 
 # Model ---------------------------------------------------------------------------------------------
@@ -147,41 +196,315 @@ def opt_state_shardings(tx, params_abstract, p_shardings, mesh):
 
 # Stages ----------------------------------------------------------------------------------------------
 def stage2_config(cfg, stage1_workdir: str) -> ml_collections.ConfigDict:
+  """Stage 2 (TIR) from stage 1's best checkpoint, on stage 2's own sources (never stage 1's mixture)."""
   c = copy.deepcopy(cfg)
   with c.unlocked():
     c.stage = "tir"
-    c.data.dataset_name = cfg.stage2.dataset_name
+    c.data = config_lib.stage2_data_config(cfg)
     c.seq_len = cfg.stage2.seq_len
     c.num_epochs = cfg.stage2.num_epochs
     c.max_steps = cfg.stage2.max_steps
     c.warmup_ratio = cfg.stage2.warmup_ratio
     c.lr = cfg.stage2.lr
     c.model.hf_path = ""
-    c.model.init_checkpoint = os.path.join(stage1_workdir, "checkpoints")
+    c.model.init_checkpoint = storage.join(stage1_workdir, "checkpoints")
     c.model.init_step = -1
-    c.workdir = os.path.join(cfg.workdir, "stage2_tir")
+    c.workdir = storage.join(cfg.workdir, "stage2_tir")
     c.stage2.enabled = False
   return c
 
 
 def train(cfg: ml_collections.ConfigDict, *, stop_at_step: int | None = None) -> dict[str, Any]:
   """Runs the configured stage (or both stages of the recipe); restarting the same command resumes."""
-  config_lib.validate(cfg)
-  if cfg.multihost and jax.process_count() == 1:
-    jax.distributed.initialize()
+  config_lib.validate(cfg)  # touches no JAX backend: with multihost, initialize() must be the first JAX call
+  if cfg.multihost:
+    distributed.initialize(cfg.distributed)
   if not cfg.stage2.enabled:
-    return train_stage(cfg, stop_at_step=stop_at_step)
+    return Trainer(cfg, stop_at_step=stop_at_step).run()
   c1 = copy.deepcopy(cfg)
   with c1.unlocked():
-    c1.workdir = os.path.join(cfg.workdir, "stage1_cot")
+    c1.workdir = storage.join(cfg.workdir, "stage1_cot")
     c1.stage2.enabled = False
     c1.export_hf = False
-  r1 = train_stage(c1, stop_at_step=stop_at_step)
+  r1 = Trainer(c1, stop_at_step=stop_at_step).run()
   if r1.get("preempted"):
     return {"stage1": r1, "preempted": True}
-  c2 = stage2_config(cfg, c1.workdir)
-  r2 = train_stage(c2)
+  r2 = Trainer(stage2_config(cfg, c1.workdir)).run()
   return {"stage1": r1, "stage2": r2, "preempted": r2.get("preempted", False)}
+
+
+def train_stage(cfg: ml_collections.ConfigDict, *, stop_at_step: int | None = None) -> dict[str, Any]:
+  """One stage. `stop_at_step` behaves as if SIGTERM arrived: every host saves that step and stops."""
+  return Trainer(cfg, stop_at_step=stop_at_step).run()
+
+
+class Trainer:
+  """One stage: `Trainer(cfg).run()` starts or resumes, trains, and returns a summary dict.
+
+  The loop dispatches step s, then reads step s - 1's metrics (`_read`: non-finite check, log, agreed host
+  flags), then asks `_due(s)` what happens after step s: "eval", "every N steps", "time", "stop". Each of those
+  is a function of the step number and of flags all hosts read alike, so all hosts act together.
+  """
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, stop_at_step: int | None = None):
+    from jax.experimental import multihost_utils
+
+    from numina_jax import data as data_lib
+
+    self.cfg, self.stop_at_step = cfg, stop_at_step
+    self.workdir = cfg.workdir
+    storage.makedirs(self.workdir)
+    self.is_main = jax.process_index() == 0
+    self.mesh = make_mesh(dict(cfg.mesh))
+    n_batch_shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"] * self.mesh.shape["expert"]
+    micro = cfg.microbatch_size or cfg.global_batch_size
+    if micro % n_batch_shards:
+      raise ValueError(f"config.microbatch_size ({micro}) must divide by the batch-sharded mesh axes "
+                       f"data*fsdp*expert = {n_batch_shards} (mesh {dict(self.mesh.shape)})")
+    if cfg.global_batch_size % jax.process_count():
+      raise ValueError(f"config.global_batch_size ({cfg.global_batch_size}) must divide by the number of hosts "
+                       f"({jax.process_count()})")
+
+    self.tokenizer = data_lib.load_tokenizer(cfg.data.tokenizer)
+    self.model_cfg = model_config_for(cfg, self.tokenizer)
+    self.specs = param_specs(self.model_cfg)
+    self.p_shard = param_shardings(self.specs, self.mesh)
+    pipe_kwargs = dict(seq_len=cfg.seq_len, global_batch_size=cfg.global_batch_size, seed=cfg.seed,
+                       process_index=jax.process_index(), process_count=jax.process_count(),
+                       allgather=multihost_utils.process_allgather if jax.process_count() > 1 else None)
+    self.train_it = data_lib.make_pipeline(cfg.data, self.tokenizer, split="train", **pipe_kwargs)
+    self.eval_batches = list(data_lib.make_pipeline(cfg.data, self.tokenizer, split="eval", **pipe_kwargs))
+    self.steps_per_epoch = self.train_it.steps_per_epoch
+    self.total_steps = cfg.max_steps or self.steps_per_epoch * cfg.num_epochs
+    if self.total_steps <= 0:
+      raise ValueError(f"the training split of {cfg.data.dataset_name!r} gives no full batch of "
+                       f"{cfg.global_batch_size} x {cfg.seq_len} tokens; lower global_batch_size or seq_len")
+
+    self.tx, self.schedule = make_optimizer(cfg, self.total_steps)
+    nan_at = int(os.environ.get(NAN_AT_STEP_ENV, "0"))
+    self.sc = dataclasses.replace(StepConfig.from_config(cfg, self.model_cfg), nan_at_step=nan_at)
+    self.params_abstract = {k: jax.ShapeDtypeStruct(s.shape, as_dtype(cfg.model.param_dtype))
+                            for k, s in self.specs.items()}
+    rep = NamedSharding(self.mesh, P())
+    self.state_shard = {"step": rep, "params": self.p_shard,
+                        "opt_state": opt_state_shardings(self.tx, self.params_abstract, self.p_shard, self.mesh)}
+    self.b_shard = batch_shardings(self.mesh)
+    self.flags_shard = host_flags_sharding(self.mesh)
+    self.mgr = _manager(cfg)
+
+    self.state: dict[str, Any] = {}
+    self.step = self.start_step = self.last_saved_step = 0
+    self.pending: tuple[int, Any] | None = None  # (step, metrics on device) of the step in flight
+    self.agreed = Agreed()
+    self.last_record: dict[str, Any] | None = None
+    self.eval_loss: float | None = None
+    self.writer: MetricWriter | None = None
+    self.progress: Progress | None = None
+    self.signals: HostSignals | None = None
+    self._window = {"t": time.time(), "tokens": 0, "loss_tokens": 0.0, "steps": 0}
+
+  # -- the run ------------------------------------------------------------------------------------------------------
+
+  def run(self) -> dict[str, Any]:
+    preempted, failure = False, None
+    try:
+      with jax.set_mesh(self.mesh), HostSignals(self.cfg.checkpoint_every_secs) as self.signals:
+        try:
+          self._start()
+          preempted = self._loop()
+          if not preempted:
+            self._end_of_training()
+        except _NonFinite as e:
+          failure = e
+        finally:
+          # Checkpoints already handed to the async writer hold good states: let them land even if we fail.
+          self.mgr.wait_until_finished()
+        if failure is not None:
+          raise NonFiniteLossError(self._nonfinite_message(failure)) from None
+        return self._finish(preempted)
+    finally:
+      self._close()
+
+  def _start(self) -> None:
+    cfg = self.cfg
+    start = self.mgr.latest_step()
+    if start is not None:
+      self.state, meta = _restore(self.mgr, start, self.state_shard, self.tx, self.params_abstract)
+      self.train_it.set_state(meta["data_state"])
+      log.info("resumed from %s at step %d", self.mgr.directory, start)
+    else:
+      params = load_start_params(cfg, self.model_cfg, self.p_shard, self.mesh)
+      opt_state = jax.jit(self.tx.init, out_shardings=self.state_shard["opt_state"])(params)
+      self.state = {"step": jax.device_put(jnp.zeros((), jnp.int32), self.state_shard["step"]), "params": params,
+                    "opt_state": opt_state}
+    self.step = self.start_step = self.last_saved_step = int(jax.device_get(self.state["step"]))
+    self.step_fn = jit_train_step(self.sc, self.tx, self.schedule, self.state_shard, self.mesh, host_flags=True)
+    self.eval_fn = jit_eval_step(self.sc, self.p_shard, self.mesh)
+    self.writer = MetricWriter(self.workdir, enabled=self.is_main, resume_step=self.start_step)
+    self.writer.write_config(cfg, self.model_cfg)
+    self.flops_per_token = flops_per_token(self.model_cfg, cfg.seq_len)
+    self.peak_flops = peak_flops_per_device() * jax.device_count()
+    self.progress = Progress(f"train[{cfg.stage}]", self.total_steps, self.step, cfg.log_every_steps,
+                             enabled=cfg.progress_bar and self.is_main)
+
+  def _loop(self) -> bool:
+    """Trains up to total_steps; True when stopped early (SIGTERM, preemption, stop_at_step) after a save."""
+    while self.step < self.total_steps:
+      local = next(self.train_it)
+      flags = self.signals.flags(self.step + 1)
+      self.state, metrics = self.step_fn(self.state, self._global_batch(local), self._host_flags(flags))
+      self.step += 1
+      self._window["tokens"] += int(np.prod(local["input_ids"].shape)) * jax.process_count()
+      self._read()
+      self.pending = (self.step, metrics)
+      self.progress.update(self.step)
+      if self.step == self.total_steps:
+        break
+      reasons = self._due(self.step)
+      if reasons:
+        self._read()  # never save a state whose step was not checked
+        if "eval" in reasons:
+          self.eval_loss = self.evaluate(self.step)
+        self.save(self.step, reasons)
+        if "stop" in reasons:
+          return True
+    return False
+
+  def _due(self, step: int) -> list[str]:
+    """What happens after `step`, the same on every host."""
+    cfg, reasons = self.cfg, []
+    if self.eval_batches and cfg.eval_every_steps and step % cfg.eval_every_steps == 0:
+      reasons.append("eval")
+    if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0:
+      reasons.append(f"every {cfg.checkpoint_every_steps} steps")
+    # A flag raised before the last save is stale: that save already answered it.
+    if self.agreed.checkpoint_due and self.agreed.step > self.last_saved_step:
+      reasons.append("time")
+    if self.agreed.stop or (self.stop_at_step is not None and step >= self.stop_at_step):
+      reasons.append("stop")
+    return reasons
+
+  def _end_of_training(self) -> None:
+    self._read()
+    trained = self.step > self.start_step
+    if self.eval_batches:
+      self.eval_loss = self.evaluate(self.step, write=trained)
+    if self.last_saved_step != self.step:
+      self.save(self.step, ["end"])
+
+  # -- periodic actions -----------------------------------------------------------------------------------------------
+
+  def _read(self) -> None:
+    """Reads the metrics of the step in flight: its agreed host flags, the non-finite check, the log line."""
+    if self.pending is None:
+      return
+    s, m = self.pending
+    self.pending = None
+    m = jax.device_get(m)
+    flags = m.pop("host_flags")
+    self.agreed = Agreed(step=s, stop=bool(flags[STOP]), checkpoint_due=bool(flags[CHECKPOINT_DUE]))
+    bad = [f"{k} is {float(m[k])}" for k in ("loss", "grad_norm") if not np.isfinite(m[k])]
+    if not np.isfinite(m["param_norm"]):
+      raise _NonFinite(s, bad + [f"param_norm is {float(m['param_norm'])}"])
+    if bad and not self.cfg.optim.skip_nonfinite:
+      raise _NonFinite(s, bad)
+    if bad:
+      log.warning("step %d: %s; update skipped (%d skipped in this run's history)", s, ", ".join(bad),
+                  int(m["skipped_updates"]))
+    self.log(s, m)
+
+  def log(self, step: int, m: dict[str, Any]) -> None:
+    w = self._window
+    w["loss_tokens"] += float(m["loss_tokens"])
+    w["steps"] += 1
+    rec = {k: float(v) for k, v in m.items()}
+    self.last_record = rec
+    if step % self.cfg.log_every_steps and step != self.total_steps:
+      return
+    dt = max(time.time() - w["t"], 1e-9)
+    tok_s = w["tokens"] / dt
+    rec.update(step=step, epoch=(step - 1) // max(self.steps_per_epoch, 1), tokens_per_s=tok_s,
+               loss_tokens_per_s=w["loss_tokens"] / dt, steps_per_s=w["steps"] / dt,
+               mfu=self.flops_per_token * tok_s / self.peak_flops if self.peak_flops else 0.0)
+    self.writer.write(step, rec)
+    self.progress.note(rec)
+    self._window = {"t": time.time(), "tokens": 0, "loss_tokens": 0.0, "steps": 0}
+
+  def evaluate(self, step: int, write: bool = True) -> float:
+    ce, n = 0.0, 0.0
+    for b in self.eval_batches:
+      c, t = self.eval_fn(self.state["params"], _global_batch(b, self.b_shard, self.cfg.global_batch_size))
+      ce, n = ce + float(c), n + float(t)
+    value = ce / max(n, 1.0)
+    if write:
+      self.writer.write(step, {"step": step, "eval_loss": value, "eval_tokens": n})
+    return value
+
+  def save(self, step: int, reasons: list[str]) -> None:
+    log.info("checkpoint at step %d (%s)", step, ", ".join(reasons))
+    meta = {"step": step, "data_state": self.train_it.get_state(), "config": self.cfg.to_json(),
+            "total_steps": self.total_steps}
+    with_eval = "eval" in reasons or (reasons == ["end"] and self.eval_batches)
+    self.mgr.save(step, args=ocp.args.Composite(**{
+        ckpt.PARAMS: ocp.args.StandardSave(self.state["params"]),
+        ckpt.OPT_STATE: ocp.args.StandardSave(self.state["opt_state"]),
+        ckpt.MODEL_CONFIG: ocp.args.JsonSave(self.model_cfg.to_hf_dict()),
+        ckpt.TRAIN_META: ocp.args.JsonSave(meta),
+    }), metrics={"eval_loss": self.eval_loss} if with_eval else None, force=True)
+    self.writer.flush()  # on gs:// metrics.jsonl is rewritten whole, not appended: keep it in step with checkpoints
+    self.last_saved_step = step
+    self.signals.saved()
+
+  # -- the end ------------------------------------------------------------------------------------------------------
+
+  def _finish(self, preempted: bool) -> dict[str, Any]:
+    self.progress.close()
+    result: dict[str, Any] = {
+        "workdir": self.workdir, "total_steps": self.total_steps, "start_step": self.start_step,
+        "final_step": self.step, "preempted": preempted, "eval_loss": self.eval_loss,
+        "data_stats": getattr(self.train_it, "stats", None)}
+    if self.last_record is not None:
+      result["final_loss"] = self.last_record["loss"]
+      if "skipped_updates" in self.last_record:
+        result["skipped_updates"] = int(self.last_record["skipped_updates"])
+    if preempted:
+      log.warning("stopped at step %d; checkpoint saved in %s; rerun the same command to resume", self.step,
+                  self.mgr.directory)
+    else:
+      if self.cfg.plot and self.is_main:
+        self.writer.flush()  # the plot reads metrics.jsonl back
+        result["plot"] = plot_metrics(self.workdir)
+      if self.cfg.export_hf:  # every host takes part in gathering the tensors; process 0 writes
+        from numina_jax.hf import save_pretrained
+        out = storage.join(self.workdir, "hf")
+        save_pretrained(self.state["params"], out, cfg=self.model_cfg, dtype=as_dtype(self.cfg.export_dtype),
+                        tokenizer=self.tokenizer, overwrite=True, progress=self.progress.interactive)
+        result["hf_export"] = out
+    self.writer.write_summary(result)
+    return result
+
+  def _nonfinite_message(self, e: _NonFinite) -> str:
+    last = self.mgr.latest_step()
+    where = (f"the last good checkpoint is step {last} in {self.mgr.directory}" if last is not None else
+             f"no checkpoint was saved yet in {self.mgr.directory}")
+    return (f"{', '.join(e.what)} at step {e.step}: stopping; nothing from step {e.step} on was saved, {where}. "
+            f"Lower config.lr, check the data, raise optim.clip_norm, or set optim.skip_nonfinite=True to skip "
+            f"such updates.")
+
+  def _close(self) -> None:
+    for closer in (getattr(self.progress, "close", None), getattr(self.writer, "close", None), self.mgr.close,
+                   getattr(self.train_it, "close", None)):
+      if closer is not None:
+        closer()
+
+  # -- inputs -----------------------------------------------------------------------------------------------------
+
+  def _global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    return _global_batch(local, self.b_shard, self.cfg.global_batch_size)
+
+  def _host_flags(self, flags: np.ndarray) -> jax.Array:
+    """This host's flags as its rows of the [devices, flags] array whose maximum the step returns."""
+    return jax.make_array_from_callback((self.mesh.size, NUM_FLAGS), self.flags_shard, lambda _: flags[None])
 
 
 def _global_batch(local: dict[str, np.ndarray], shardings, global_rows: int):
@@ -192,186 +515,8 @@ def _global_batch(local: dict[str, np.ndarray], shardings, global_rows: int):
   return out
 
 
-def train_stage(cfg: ml_collections.ConfigDict, *, stop_at_step: int | None = None) -> dict[str, Any]:
-  """One stage. `stop_at_step` behaves as if SIGTERM arrived during that step (for tests and drills)."""
-  from numina_jax import data as data_lib
-
-  workdir = cfg.workdir
-  is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
-  mesh = make_mesh(dict(cfg.mesh))
-  n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
-  micro = cfg.microbatch_size or cfg.global_batch_size
-  if micro % n_batch_shards:
-    raise ValueError(f"config.microbatch_size ({micro}) must divide by the batch-sharded mesh axes "
-                     f"data*fsdp*expert = {n_batch_shards} (mesh {dict(mesh.shape)})")
-  if cfg.global_batch_size % jax.process_count():
-    raise ValueError(f"config.global_batch_size ({cfg.global_batch_size}) must divide by the number of hosts "
-                     f"({jax.process_count()})")
-
-  tokenizer = data_lib.load_tokenizer(cfg.data.tokenizer)
-  model_cfg = model_config_for(cfg, tokenizer)
-  specs = param_specs(model_cfg)
-  p_shard = param_shardings(specs, mesh)
-  from jax.experimental import multihost_utils
-  pipe_kwargs = dict(seq_len=cfg.seq_len, global_batch_size=cfg.global_batch_size, seed=cfg.seed,
-                     process_index=jax.process_index(), process_count=jax.process_count(),
-                     allgather=multihost_utils.process_allgather if jax.process_count() > 1 else None)
-  train_it = data_lib.make_pipeline(cfg.data, tokenizer, split="train", **pipe_kwargs)
-  eval_batches = list(data_lib.make_pipeline(cfg.data, tokenizer, split="eval", **pipe_kwargs))
-  steps_per_epoch = train_it.steps_per_epoch
-  total_steps = cfg.max_steps or steps_per_epoch * cfg.num_epochs
-  if total_steps <= 0:
-    raise ValueError(f"the training split of {cfg.data.dataset_name!r} gives no full batch of "
-                     f"{cfg.global_batch_size} x {cfg.seq_len} tokens; lower global_batch_size or seq_len")
-
-  tx, schedule = make_optimizer(cfg, total_steps)
-  sc = StepConfig.from_config(cfg, model_cfg)
-  params_abstract = {k: jax.ShapeDtypeStruct(s.shape, as_dtype(cfg.model.param_dtype)) for k, s in specs.items()}
-  o_shard = opt_state_shardings(tx, params_abstract, p_shard, mesh)
-  rep = NamedSharding(mesh, P())
-  state_shard = {"step": rep, "params": p_shard, "opt_state": o_shard}
-
-  mgr = _manager(cfg)
-  start = mgr.latest_step()
-  with jax.set_mesh(mesh):
-    if start is not None:
-      state, meta = _restore(mgr, start, state_shard, tx, params_abstract)
-      train_it.set_state(meta["data_state"])
-      log.info("resumed from %s at step %d", mgr.directory, start)
-    else:
-      params = load_start_params(cfg, model_cfg, p_shard, mesh)
-      opt_state = jax.jit(tx.init, out_shardings=o_shard)(params)
-      state = {"step": jax.device_put(jnp.zeros((), jnp.int32), rep), "params": params, "opt_state": opt_state}
-    step_fn = jit_train_step(sc, tx, schedule, state_shard, mesh)
-    eval_fn = jit_eval_step(sc, p_shard, mesh)
-    b_shard = batch_shardings(mesh)
-
-    writer = MetricWriter(workdir, enabled=is_main)
-    writer.write_config(cfg, model_cfg)
-    fpt = flops_per_token(model_cfg, cfg.seq_len)
-    peak = peak_flops_per_device() * jax.device_count()
-    step = int(jax.device_get(state["step"]))
-    result: dict[str, Any] = {"workdir": workdir, "total_steps": total_steps, "start_step": step}
-    pbar = _progress(cfg, total_steps, step, is_main)
-    last_save_t = time.time()
-    window = {"t": time.time(), "tokens": 0, "loss_tokens": 0.0, "steps": 0}
-    pending = None  # (step, metrics) of the step in flight, read one step late
-    last_logged = None
-    eval_loss = None
-
-    def finish_pending():
-      nonlocal pending, last_logged
-      if pending is None:
-        return None
-      s, m = pending
-      pending = None
-      m = jax.device_get(m)
-      if not np.isfinite(m["loss"]):
-        raise NonFiniteLossError(
-            f"loss is {m['loss']} at step {s}: stopping; the last good checkpoint in {mgr.directory} "
-            f"(step {mgr.latest_step()}) is intact. Lower config.lr, check the data, or raise optim.clip_norm.")
-      window["loss_tokens"] += float(m["loss_tokens"])
-      window["steps"] += 1
-      last_logged = (s, m)
-      if s % cfg.log_every_steps == 0 or s == total_steps:
-        dt = max(time.time() - window["t"], 1e-9)
-        tok_s = window["tokens"] / dt
-        rec = {k: float(v) for k, v in m.items()}
-        rec.update(step=s, epoch=(s - 1) // max(steps_per_epoch, 1), tokens_per_s=tok_s,
-                   loss_tokens_per_s=window["loss_tokens"] / dt, steps_per_s=window["steps"] / dt,
-                   mfu=fpt * tok_s / peak if peak else 0.0)
-        writer.write(s, rec)
-        if pbar is not None:
-          pbar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{tok_s:,.0f}")
-        window.update(t=time.time(), tokens=0, loss_tokens=0.0, steps=0)
-      return m
-
-    def run_eval(s):
-      ce, n = 0.0, 0.0
-      for b in eval_batches:
-        c, t = eval_fn(state["params"], _global_batch(b, b_shard, cfg.global_batch_size))
-        ce, n = ce + float(c), n + float(t)
-      value = ce / max(n, 1.0)
-      writer.write(s, {"step": s, "eval_loss": value, "eval_tokens": n})
-      return value
-
-    def save(s, metrics=None, force=False):
-      nonlocal last_save_t
-      meta = {"step": s, "data_state": train_it.get_state(), "config": cfg.to_json(),
-              "total_steps": total_steps}
-      mgr.save(s, args=ocp.args.Composite(**{
-          ckpt.PARAMS: ocp.args.StandardSave(state["params"]),
-          ckpt.OPT_STATE: ocp.args.StandardSave(state["opt_state"]),
-          ckpt.MODEL_CONFIG: ocp.args.JsonSave(model_cfg.to_hf_dict()),
-          ckpt.TRAIN_META: ocp.args.JsonSave(meta),
-      }), metrics=metrics, force=force)
-      last_save_t = time.time()
-
-    preempted = False
-    try:
-      with _Preemption() as preempt:
-        while step < total_steps:
-          local = next(train_it)
-          batch = _global_batch(local, b_shard, cfg.global_batch_size)
-          state, metrics = step_fn(state, batch)
-          step += 1
-          window["tokens"] += int(np.prod(local["input_ids"].shape)) * jax.process_count()
-          finish_pending()
-          pending = (step, metrics)
-          if pbar is not None:
-            pbar.update(1)
-          do_eval = bool(eval_batches) and cfg.eval_every_steps and step % cfg.eval_every_steps == 0
-          do_ckpt = (cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0) or (
-              cfg.checkpoint_every_secs and time.time() - last_save_t > cfg.checkpoint_every_secs)
-          stop = preempt.agreed(step) or (stop_at_step is not None and step >= stop_at_step)
-          if do_eval or do_ckpt or stop or step == total_steps:
-            finish_pending()  # never checkpoint a state whose loss was not checked
-          if do_eval and step != total_steps:
-            eval_loss = run_eval(step)
-          if (do_eval or do_ckpt or stop) and step != total_steps:
-            save(step, {"eval_loss": eval_loss} if do_eval else None, force=stop)
-          if stop:
-            preempted = True
-            break
-        finish_pending()
-        if not preempted:
-          if eval_batches:
-            eval_loss = run_eval(step)
-          if mgr.latest_step() != step:
-            save(step, {"eval_loss": eval_loss} if eval_batches else None, force=True)
-    finally:
-      # Checkpoints already handed to the async writer hold good states: let them land even if we fail.
-      mgr.wait_until_finished()
-    if pbar is not None:
-      pbar.close()
-
-  result.update(final_step=step, preempted=preempted, eval_loss=eval_loss,
-                data_stats=getattr(train_it, "stats", None))
-  if last_logged is not None:
-    result["final_loss"] = float(last_logged[1]["loss"])
-  if preempted:
-    log.warning("preempted at step %d; checkpoint saved in %s; rerun the same command to resume", step,
-                mgr.directory)
-  elif is_main:
-    if cfg.plot:
-      result["plot"] = plot_metrics(workdir)
-    if cfg.export_hf:
-      from numina_jax.hf import save_pretrained
-      out = os.path.join(workdir, "hf")
-      save_pretrained(state["params"], out, cfg=model_cfg, dtype=as_dtype(cfg.export_dtype),
-                      tokenizer=tokenizer, overwrite=True)
-      result["hf_export"] = out
-  writer.write_summary(result)
-  writer.close()
-  mgr.close()
-  if hasattr(train_it, "close"):
-    train_it.close()
-  return result
-
-
 def _manager(cfg) -> ocp.CheckpointManager:
-  return ckpt.training_manager(os.path.join(cfg.workdir, "checkpoints"), max_to_keep=cfg.checkpoint.max_to_keep,
+  return ckpt.training_manager(storage.join(cfg.workdir, "checkpoints"), max_to_keep=cfg.checkpoint.max_to_keep,
                                keep_best=cfg.checkpoint.keep_best, async_save=cfg.checkpoint.async_save)
 
 
@@ -393,10 +538,3 @@ def _restore(mgr, step, state_shard, tx, params_abstract):
   state = {"step": jax.device_put(jnp.asarray(meta["step"], jnp.int32), state_shard["step"]),
            "params": r[ckpt.PARAMS], "opt_state": r[ckpt.OPT_STATE]}
   return state, meta
-
-
-def _progress(cfg, total, initial, is_main):
-  if not (cfg.progress_bar and is_main):
-    return None
-  from tqdm.auto import tqdm
-  return tqdm(total=total, initial=initial, desc=f"train[{cfg.stage}]", unit="step", dynamic_ncols=True)

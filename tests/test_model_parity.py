@@ -12,7 +12,7 @@ import torch
 
 from helpers import TINY_SEQ, jit
 from numina_jax.model import REMAT_POLICIES, forward
-from numina_jax.model.layers import load_balancing_loss
+from numina_jax.model.moe import load_balancing_loss
 
 FP32_TOL = 1e-4
 
@@ -83,6 +83,16 @@ def test_fp32_logits_match_transformers(tiny_hf, hf_ref, kernel, tile):
   out = _fwd(cfg, params, ids, moe_kernel=kernel, moe_tile=tile)
   assert np.abs(ref).max() > 1.0  # a scale at which 1e-4 means something
   np.testing.assert_allclose(out, ref, atol=FP32_TOL, rtol=0)
+
+
+@pytest.mark.parametrize("attention", ["xla", "dense"])
+def test_fp32_long_sequence_matches_transformers(tiny_hf, attention):
+  # 300 tokens: sliding layers run five 64-query blocks, full layers the folded triangle of two 150-token
+  # blocks (the 23-token tests fit in one block, where the xla path is the dense one).
+  model, cfg, params = tiny_hf
+  ids = _ids(cfg, batch=1, seq=300, seed=6)
+  out = _fwd(cfg, params, ids, attention=attention)
+  np.testing.assert_allclose(out, _hf_logits(model, ids), atol=FP32_TOL, rtol=0)
 
 
 def test_yarn_long_positions_match_transformers(tiny_hf):

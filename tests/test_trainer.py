@@ -2,6 +2,7 @@
 
 import glob
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 
 from numina_jax.checkpoint import latest_step, load_params
 from numina_jax.config import base_config, check_overrides, validate
-from numina_jax.trainer import NonFiniteLossError, train
+from numina_jax.trainer import NAN_AT_STEP_ENV, NonFiniteLossError, stage2_config, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,16 +74,32 @@ def test_resume_is_exact(tmp_path):
   assert rc["start_step"] == 8 and rc["final_step"] == 8
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-  cfg = tiny_config(tmp_path / "nan", lr=1e30, warmup_ratio=0.0, **{"optim.clip_norm": 0.0},
-                    checkpoint_every_steps=1, max_steps=30)
-  with pytest.raises(NonFiniteLossError, match="loss is nan|loss is inf"):
+def test_a_nonfinite_step_is_never_saved_or_is_skipped(tmp_path, monkeypatch):
+  """Step 3's loss (and so its gradients) is NaN: the run stops there, its checkpoint on disk is step 2, and with
+  optim.skip_nonfinite the update is skipped instead, counted, and training goes on."""
+  monkeypatch.setenv(NAN_AT_STEP_ENV, "3")
+  cfg = tiny_config(tmp_path / "stop", checkpoint_every_steps=1, max_steps=5)
+  with pytest.raises(NonFiniteLossError, match=r"loss is nan, grad_norm is nan, param_norm is nan at step 3: "
+                                               r"stopping; nothing from step 3 on was saved, the last good "
+                                               r"checkpoint is step 2 in "):
     train(cfg)
-  ckpts = str(tmp_path / "nan" / "checkpoints")
-  step = latest_step(ckpts)
-  assert step is not None and step >= 1
+  ckpts = str(tmp_path / "stop" / "checkpoints")
+  assert latest_step(ckpts) == 2
   params, _ = load_params(ckpts)
   assert all(np.isfinite(np.asarray(v)).all() for v in params.values())
+
+  wd = tmp_path / "skip"
+  r = train(tiny_config(wd, checkpoint_every_steps=1, max_steps=5,
+                        **{"optim.skip_nonfinite": True, "checkpoint.max_to_keep": 5}))
+  assert r["final_step"] == 5 and r["skipped_updates"] == 1
+  rows = {row["step"]: row for row in map(json.loads, open(wd / "metrics.jsonl")) if "loss" in row}
+  assert [rows[s]["skipped_updates"] for s in range(1, 6)] == [0, 0, 1, 1, 1]
+  assert np.isnan(rows[3]["loss"]) and all(np.isfinite(rows[s]["loss"]) for s in (1, 2, 4, 5))
+  # The skipped step left the parameters as they were after step 2.
+  p2, _ = load_params(str(wd / "checkpoints"), step=2)
+  p3, _ = load_params(str(wd / "checkpoints"), step=3)
+  for k in p2:
+    np.testing.assert_array_equal(np.asarray(p2[k]), np.asarray(p3[k]), err_msg=k)
 
 
 def _cli(workdir, *extra):
@@ -147,9 +164,13 @@ def test_bad_override_fails_with_a_clear_message():
 
 @pytest.mark.parametrize("field,value,msg", [
     ("lr", -1.0, "config.lr: must be > 0"),
+    ("distributed.num_processes", -2, "config.distributed.num_processes: must be >= 0"),
+    ("distributed.coordinator_address", "10.0.0.1:1234",
+     "config.distributed.coordinator_address: is set but config.multihost is False; add --config.multihost=True"),
     ("remat_policy", "some", "config.remat_policy: 'some' is not one of"),
     ("microbatch_size", 5, "config.microbatch_size: 5 does not divide global_batch_size 32"),
     ("model.moe_kernel", "fast", "config.model.moe_kernel: 'fast' is not one of"),
+    ("model.moe_capacity_factor", -1.0, "config.model.moe_capacity_factor: must be >= 0"),
 ])
 def test_bad_values_are_named(field, value, msg):
   cfg = base_config()
@@ -160,3 +181,72 @@ def test_bad_values_are_named(field, value, msg):
   node[leaf] = value
   with pytest.raises(ValueError, match=msg.replace("(", r"\(")):
     validate(cfg)
+
+
+def test_stage2_trains_on_its_own_sources_never_stage1s():
+  from numina_jax.data.sources import source_specs
+
+  def names(data):
+    return [(s.name, s.weight) for s in source_specs(data)]
+
+  cfg = base_config()
+  cfg.data.mixture = ("sample:cot=1",)
+  cfg.data.eval_dataset_name = "sample:cot"
+  cfg.stage2.enabled = True
+  cfg.stage2.dataset_name = "sample:tir"
+  validate(cfg)
+  c2 = stage2_config(cfg, "runs/x/stage1_cot")
+  assert names(c2.data) == [("sample:tir", 1.0)] and c2.data.eval_dataset_name == ""
+  assert c2.model.init_checkpoint == "runs/x/stage1_cot/checkpoints" and c2.workdir.endswith("stage2_tir")
+  cfg.stage2.mixture = ("sample:tir=2", "sample:cot=1")
+  validate(cfg)
+  assert names(stage2_config(cfg, "w").data) == [("sample:tir", 2.0), ("sample:cot", 1.0)]
+  cfg.stage2.mixture = ("sample:cot=3",)
+  with pytest.raises(ValueError, match=r"config.stage2.dataset_name: stage 2 would train on stage 1's data "
+                                       r"\['sample:cot'\]"):
+    validate(cfg)
+  cfg.stage2.mixture, cfg.stage2.dataset_name = (), ""
+  with pytest.raises(ValueError, match="set stage2.dataset_name or stage2.mixture when stage2.enabled"):
+    validate(cfg)
+
+
+def test_progress_writes_a_plain_line_every_n_steps_or_30_s_whichever_is_rarer(caplog):
+  import io
+  from numina_jax.progress import Progress
+  now = [0.0]
+  p = Progress("train[cot]", total=100, initial=0, every_steps=5, stream=io.StringIO(), clock=lambda: now[0])
+  assert not p.interactive
+  logged = []
+  with caplog.at_level(logging.INFO, logger="numina_jax"):
+    for step in range(1, 101):
+      now[0] += 4.0  # 5 steps take 20 s, so the 30 s bound is the rarer one: a line every 8 steps (32 s)
+      if step % 5 == 0:
+        p.note({"loss": 1.0 / step, "lr": 1e-3, "tokens_per_s": 1234.0})
+      p.update(step)
+      logged += [(step, r.getMessage()) for r in caplog.records]
+      caplog.clear()
+  assert [s for s, _ in logged] == list(range(8, 101, 8))
+  assert logged[0][1] == ("train[cot] step 8/100 (8%), loss 0.2000, lr 1.00e-03, tok_s 1,234, elapsed 0:00:32, "
+                          "eta 0:06:08")
+  now[0] = 0.0
+  q = Progress("x", total=100, initial=0, every_steps=10, stream=io.StringIO(), clock=lambda: now[0])
+  with caplog.at_level(logging.INFO, logger="numina_jax"):
+    for step in range(1, 31):
+      now[0] += 60.0  # slow steps: every 10 steps is the rarer bound
+      q.update(step)
+  assert [r.getMessage().split(",")[0] for r in caplog.records] == [f"x step {s}/100 (%d%%)" % s for s in (10, 20, 30)]
+
+
+def test_metric_writer_drops_lines_logged_past_the_resume_step(tmp_path):
+  """A run that logged steps 1-5 but last saved step 3 resumes at 3: steps 4 and 5 are not logged twice."""
+  from numina_jax.metrics import MetricWriter, read_metrics
+  w = MetricWriter(str(tmp_path), resume_step=0)
+  for s in range(1, 6):
+    w.write(s, {"loss": float(s)})
+  w.write(3, {"eval_loss": 0.5})
+  w.close()
+  w = MetricWriter(str(tmp_path), resume_step=3)
+  w.write(4, {"loss": 40.0})
+  w.close()
+  assert [(r["step"], r.get("loss", r.get("eval_loss"))) for r in read_metrics(str(tmp_path))] == [
+      (1, 1.0), (2, 2.0), (3, 3.0), (3, 0.5), (4, 40.0)]

@@ -4,16 +4,21 @@ config, and optionally the tokenizer."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
+import tempfile
+from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
+from numina_jax import storage
 from numina_jax.hf import keymap
 from numina_jax.model.config import GptOssConfig
 from numina_jax.model.params import param_specs
@@ -50,8 +55,40 @@ def parse_size(size: int | str) -> int:
 def _fetch(x, index: tuple, np_dtype: np.dtype) -> np.ndarray:
   """One slice of a (possibly sharded, on-device) array, cast on the device, copied to the host."""
   if isinstance(x, jax.Array):
+    if not x.is_fully_addressable:
+      return _gather(x, index, np_dtype)
     return np.asarray(jax.device_get(x[index].astype(np_dtype)))
   return np.asarray(x[index]).astype(np_dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _replicating_slice(mesh):
+  def take(x, starts, *, sizes, dtype):
+    return jax.lax.dynamic_slice(x, starts, sizes).astype(dtype)
+  return jax.jit(take, static_argnames=("sizes", "dtype"), out_shardings=NamedSharding(mesh, P()))
+
+
+def _gather(x: jax.Array, index: tuple, np_dtype: np.dtype) -> np.ndarray:
+  """A slice of an array sharded over several processes: every process runs this collective (the slice is
+  replicated to all of them), so every process must fetch the same slices in the same order."""
+  if not isinstance(x.sharding, NamedSharding):
+    raise TypeError(f"cannot gather an array with {type(x.sharding).__name__} across processes; use a NamedSharding")
+  index = index + (slice(None),) * (x.ndim - len(index))
+  starts, sizes, squeeze = [], [], []
+  for axis, (i, n) in enumerate(zip(index, x.shape)):
+    if isinstance(i, slice):
+      lo, hi, step = i.indices(n)
+      assert step == 1, index
+      starts.append(lo)
+      sizes.append(hi - lo)
+    else:
+      starts.append(int(i))
+      sizes.append(1)
+      squeeze.append(axis)
+  # Start indices are traced, so each (shape, dtype) of slice compiles once, not once per layer or row block.
+  out = _replicating_slice(x.sharding.mesh)(x, np.asarray(starts, np.int32), sizes=tuple(sizes),
+                                            dtype=np.dtype(np_dtype).name)
+  return np.asarray(out.addressable_data(0)).reshape([s for a, s in enumerate(sizes) if a not in squeeze])
 
 
 def _hf_chunks(params: Mapping[str, Any], cfg: GptOssConfig, entry: keymap.Entry, layer: int | None,
@@ -116,16 +153,19 @@ def generation_config(cfg: GptOssConfig) -> dict[str, Any]:
 
 
 def _prepare_dir(out_dir: str, overwrite: bool) -> None:
-  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+  out = storage.path(out_dir)
+  storage.refresh(out_dir)
+  if out.exists() and not out.is_dir():
     raise NotADirectoryError(f"{out_dir} exists and is not a folder")
-  if os.path.isdir(out_dir) and os.listdir(out_dir):
+  names = storage.listdir(out_dir)
+  if names:
     if not overwrite:
       raise FileExistsError(f"{out_dir} is not empty; pass overwrite=True (--overwrite) to write into it")
     # Stale shards of an earlier export with a different shard count would confuse loaders.
-    for f in os.listdir(out_dir):
+    for f in names:
       if re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json", f):
-        os.remove(os.path.join(out_dir, f))
-  os.makedirs(out_dir, exist_ok=True)
+        storage.remove(storage.join(out_dir, f))
+  storage.makedirs(out_dir)
 
 
 def save_pretrained(model_or_params, out_dir: str, dtype=jnp.bfloat16, *, cfg: GptOssConfig | None = None,
@@ -135,7 +175,8 @@ def save_pretrained(model_or_params, out_dir: str, dtype=jnp.bfloat16, *, cfg: G
 
   Each HF tensor is one layer's slice copied from the devices (the experts and embeddings in row blocks), so
   the host holds one tensor at a time. `tokenizer` is a tokenizer object or a path/Hub id to copy it from.
-  Refuses a non-empty `out_dir` unless `overwrite`.
+  Refuses a non-empty `out_dir` unless `overwrite`. On several hosts every host must call this with the same
+  parameters: each tensor is gathered from its shards on all hosts, and process 0 writes the files.
   """
   if isinstance(model_or_params, Mapping):
     params = model_or_params
@@ -155,39 +196,58 @@ def save_pretrained(model_or_params, out_dir: str, dtype=jnp.bfloat16, *, cfg: G
   if np_dtype.name not in _ST_DTYPES:
     raise ValueError(f"cannot export in {np_dtype.name}; choose one of {', '.join(_ST_DTYPES)}")
   st_dtype = _ST_DTYPES[np_dtype.name]
+  shards = _plan(cfg, np_dtype.itemsize, parse_size(max_shard_size))
+  if jax.process_index() != 0:
+    # Parameters sharded over several hosts are gathered tensor by tensor with all hosts taking part; only
+    # process 0 writes.
+    for items in shards:
+      for _, entry, layer in items:
+        for _ in _hf_chunks(params, cfg, entry, layer, np_dtype):
+          pass
+    return out_dir
   _prepare_dir(out_dir, overwrite)
 
-  shards = _plan(cfg, np_dtype.itemsize, parse_size(max_shard_size))
   weight_map, total = {}, 0
   with tqdm(total=sum(len(s) for s in shards), desc="writing tensors", unit="tensor",
             disable=not progress) as bar:
     for k, items in enumerate(shards):
       file = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-      path = os.path.join(out_dir, file)
       header, nbytes = _header(items, cfg, st_dtype, np_dtype.itemsize)
-      with open(path + ".partial", "wb") as f:
+      # Whole or not at all: a failure mid-shard leaves no truncated file under the final name.
+      with storage.open_write(storage.join(out_dir, file), "wb") as f:
         f.write(header)
+        written = 0
         for name, entry, layer in items:
           for chunk in _hf_chunks(params, cfg, entry, layer, np_dtype):
             f.write(chunk.tobytes())
+            written += chunk.nbytes
           weight_map[name] = file
           bar.update(1)
-        written = f.tell() - len(header)
-      assert written == nbytes, (file, written, nbytes)
-      os.replace(path + ".partial", path)
+        assert written == nbytes, (file, written, nbytes)
       total += nbytes
 
-  with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
-    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+  storage.write_text(storage.join(out_dir, INDEX_FILE),
+                     json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
   config = cfg.to_hf_dict()
   config["torch_dtype"] = config["dtype"] = np_dtype.name
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(config, f, indent=2)
-  with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
-    json.dump(generation_config(cfg), f, indent=2)
+  storage.write_text(storage.join(out_dir, "config.json"), json.dumps(config, indent=2))
+  storage.write_text(storage.join(out_dir, "generation_config.json"),
+                     json.dumps(generation_config(cfg), indent=2))
   if tokenizer is not None:
-    if isinstance(tokenizer, (str, os.PathLike)):
-      from transformers import AutoTokenizer
-      tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer))
-    tokenizer.save_pretrained(out_dir)
+    _save_tokenizer(tokenizer, out_dir)
   return out_dir
+
+
+def _save_tokenizer(tokenizer, out_dir: str) -> None:
+  """The tokenizer files, written by transformers into a local folder (it writes only there), then copied."""
+  if isinstance(tokenizer, (str, os.PathLike)):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer))
+  if not storage.is_remote(out_dir):
+    tokenizer.save_pretrained(out_dir)
+    return
+  with tempfile.TemporaryDirectory(prefix="numina-tokenizer-") as tmp:
+    tokenizer.save_pretrained(tmp)
+    for f in sorted(Path(tmp).rglob("*")):
+      if f.is_file():
+        storage.upload(f, storage.join(out_dir, *f.relative_to(tmp).parts))

@@ -51,6 +51,9 @@ def resolve_checkpoint(path_or_id: str | os.PathLike, *, revision: str | None = 
                        cache_dir: str | None = None) -> str:
   """A local checkpoint folder: `path_or_id` itself if it is a folder, else a Hub snapshot of that repo id."""
   raw = os.fspath(path_or_id)
+  if "://" in raw:  # the reader memory-maps the safetensors files, which needs them on a local disk
+    raise FileNotFoundError(f"{raw}: Hugging Face checkpoints are read from a local folder or the Hub; copy it "
+                            f"first (gcloud storage cp -r {raw} DIR) and pass DIR")
   path = os.path.expanduser(raw)
   if os.path.isdir(path):
     return path

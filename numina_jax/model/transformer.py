@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from numina_jax.model import layers
+from numina_jax.model import attention as attn_lib, layers, moe
 from numina_jax.model.config import GptOssConfig, yarn_inv_freq
 from numina_jax.model.params import PER_LAYER, TOP_LEVEL, ParamSpec, init_value, param_specs
 from numina_jax.sharding import with_logical_constraint
@@ -36,16 +36,20 @@ def as_dtype(d) -> jnp.dtype:
 
 def forward(params: Mapping[str, jax.Array], input_ids_BT, cfg: GptOssConfig, *, positions_BT=None,
             segment_ids_BT=None, dtype=jnp.float32, remat_policy: str = "none", moe_kernel: str = "auto",
-            moe_tile: int = 0, return_router_logits: bool = False, return_hidden: bool = False):
-  """Logits [B, T, V] (and router logits [L, B*T, E] if asked) from a flat `{name: array}` parameter dict.
+            moe_tile: int = 0, moe_capacity_factor: float = 0.0, attention: str = "auto",
+            return_router_logits: bool = False, return_hidden: bool = False, return_moe_dropped: bool = False):
+  """Logits [B, T, V] from a flat `{name: array}` parameter dict, then, if asked, router logits [L, B*T, E] and
+  the number of MoE assignments dropped by `moe_capacity_factor` (over all layers).
 
   `segment_ids` (0 = padding) keep packed documents from attending to each other; `positions` restart per
-  document. Both default to a single unpacked sequence.
+  document. Both default to a single unpacked sequence. `attention` picks the attention implementation
+  (`attention.IMPLEMENTATIONS`; all give the same values).
   """
   if remat_policy not in REMAT_POLICIES:
     raise ValueError(f"unknown remat_policy {remat_policy!r}; choose one of {', '.join(REMAT_POLICIES)}")
   dtype = as_dtype(dtype)
-  kernel = layers.resolve_moe_kernel(moe_kernel)
+  kernel = moe.resolve_moe_kernel(moe_kernel)
+  attn_impl = attn_lib.resolve_attention(attention)
   B, T = input_ids_BT.shape
   if positions_BT is None:
     positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -59,22 +63,23 @@ def forward(params: Mapping[str, jax.Array], input_ids_BT, cfg: GptOssConfig, *,
   x_BTD = with_logical_constraint(x_BTD, ("batch", "seq", "act_embed"))
   inv_freq, attn_factor = yarn_inv_freq(cfg)
   cos, sin = layers.rope_cos_sin(positions_BT, inv_freq, attn_factor, dtype)
-  full_mask, sliding_mask = layers.attention_masks(segment_ids_BT, cfg.sliding_window)
-
-  layer_fn = functools.partial(layers.decoder_layer, cfg=cfg, dtype=dtype, kernel=kernel, tile=moe_tile)
+  attend = functools.partial(attn_lib.attention, cos=cos, sin=sin, segment_ids_BT=segment_ids_BT, impl=attn_impl)
+  sliding, full = functools.partial(attend, window=cfg.sliding_window), functools.partial(attend, window=None)
+  layer_fn = functools.partial(layers.decoder_layer, cfg=cfg, kernel=kernel, tile=moe_tile,
+                               capacity_factor=moe_capacity_factor)
 
   def pair(x, pp):
     # pp: per-layer params with a leading axis of 2: the sliding layer, then the full layer.
-    x, logits_s = layer_fn(jax.tree.map(lambda a: a[0], pp), x, cos, sin, sliding_mask)
-    x, logits_f = layer_fn(jax.tree.map(lambda a: a[1], pp), x, cos, sin, full_mask)
-    return x, (jnp.stack([logits_s, logits_f]) if return_router_logits else None)
+    x, logits_s, dropped_s = layer_fn(jax.tree.map(lambda a: a[0], pp), x, sliding)
+    x, logits_f, dropped_f = layer_fn(jax.tree.map(lambda a: a[1], pp), x, full)
+    return x, (jnp.stack([logits_s, logits_f]) if return_router_logits else None, dropped_s + dropped_f)
 
   policy = REMAT_POLICIES[remat_policy]
   if remat_policy != "none":
     pair = jax.checkpoint(pair, policy=policy, prevent_cse=False)
   stacked = {k: params[f"layers/{k}"] for k in PER_LAYER}
   paired = jax.tree.map(lambda a: a.reshape(a.shape[0] // 2, 2, *a.shape[1:]), stacked)
-  x_BTD, router = jax.lax.scan(pair, x_BTD, paired)
+  x_BTD, (router, dropped) = jax.lax.scan(pair, x_BTD, paired)
 
   h_BTD = layers.rms_norm(x_BTD, params["final_norm"], cfg.rms_norm_eps)
   if return_hidden:
@@ -83,9 +88,12 @@ def forward(params: Mapping[str, jax.Array], input_ids_BT, cfg: GptOssConfig, *,
     out = jnp.einsum("btd,dv->btv", h_BTD, params["lm_head"].astype(dtype),
                      preferred_element_type=jnp.float32).astype(dtype)
     out = with_logical_constraint(out, ("batch", "seq", "act_vocab"))
+  extras = []
   if return_router_logits:
-    return out, router.reshape(cfg.num_hidden_layers, B * T, -1)
-  return out
+    extras.append(router.reshape(cfg.num_hidden_layers, B * T, -1))
+  if return_moe_dropped:
+    extras.append(jnp.sum(dropped))
+  return (out, *extras) if extras else out
 
 
 class GptOss(nnx.Module):
@@ -94,13 +102,14 @@ class GptOss(nnx.Module):
 
   def __init__(self, cfg: GptOssConfig, *, rngs: nnx.Rngs | None = None, param_dtype="float32",
                dtype="float32", remat_policy: str = "none", moe_kernel: str = "auto", moe_tile: int = 0,
-               params: Mapping[str, jax.Array] | None = None):
+               attention: str = "auto", params: Mapping[str, jax.Array] | None = None):
     self.cfg = cfg
     self.dtype = as_dtype(dtype)
     self.param_dtype = as_dtype(param_dtype)
     self.remat_policy = remat_policy
     self.moe_kernel = moe_kernel
     self.moe_tile = moe_tile
+    self.attention = attention
     specs = param_specs(cfg)
     if params is None:
       rngs = rngs if rngs is not None else nnx.Rngs(0)
@@ -125,7 +134,7 @@ class GptOss(nnx.Module):
                return_hidden=False):
     return forward(self.params_dict(), input_ids_BT, self.cfg, positions_BT=positions,
                    segment_ids_BT=segment_ids, dtype=self.dtype, remat_policy=self.remat_policy,
-                   moe_kernel=self.moe_kernel, moe_tile=self.moe_tile,
+                   moe_kernel=self.moe_kernel, moe_tile=self.moe_tile, attention=self.attention,
                    return_router_logits=return_router_logits, return_hidden=return_hidden)
 
 
