@@ -7,6 +7,7 @@ tokens, each in its own subprocess so that peak memory (max RSS) is measured per
   python benchmarks/bench_model.py --kernel dense --remat full --steps 3
   python benchmarks/bench_model.py --attention dense     # the reference attention (every score, masked)
   python benchmarks/bench_model.py --breakdown           # per-block fwd+bwd times: attention vs MoE
+  python benchmarks/bench_model.py --json                # the same run, one JSON line on stdout
 """
 
 from __future__ import annotations
@@ -37,10 +38,16 @@ def parse_args(argv=None):
                  help="our attention implementation (auto: blockwise xla on CPU)")
   p.add_argument("--tile", type=int, default=None,
                  help="row tile of the tiled MoE kernel (default: the model's; 256 is fastest on the bench config)")
-  p.add_argument("--remat", default="none", help="our remat policy (numina_jax.model.REMAT_POLICIES)")
+  p.add_argument("--remat", default="save_dots",
+                 help="our remat policy (numina_jax.model.REMAT_POLICIES; save_dots: least CPU time and memory here)")
+  p.add_argument("--loss-chunk", type=int, default=128,
+                 help="sequence chunk of our lm_head + cross-entropy (numina_jax.loss; 0: all logits at once)")
   p.add_argument("--threads", type=int, default=2, help="CPU threads for each side")
   p.add_argument("--only", choices=["ours", "reference"], help="run one side in this process (internal)")
   p.add_argument("--breakdown", action="store_true", help="time one attention block and one MoE block")
+  p.add_argument("--json", action="store_true",
+                 help="print one JSON line on stdout (ours_tokens_per_s, reference_tokens_per_s, ratio, ...); the "
+                      "readable lines go to stderr")
   return p.parse_args(argv)
 
 
@@ -76,22 +83,34 @@ def peak_rss_mib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def cpu_s() -> float:
+  """User + system CPU seconds of this process, all threads: unlike wall time, barely moved by other jobs."""
+  import resource
+  r = resource.getrusage(resource.RUSAGE_SELF)
+  return r.ru_utime + r.ru_stime
+
+
 def run_ours(args, cfg):
   import jax
   import jax.numpy as jnp
   import optax
+  from numina_jax.loss import lm_head_ce
   from numina_jax.model import forward
   params = jax.tree.map(jnp.asarray, make_params(cfg))
   ids = jnp.asarray(make_tokens(cfg, args.batch, args.seq))
+  # The mean next-token cross-entropy over the first T-1 positions, as the reference's `labels=ids` loss.
+  targets = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
+  mask = jnp.ones(ids.shape, jnp.float32).at[:, -1].set(0)
   opt = optax.adamw(LR, weight_decay=WEIGHT_DECAY)
   opt_state = opt.init(params)
 
   tile = {} if args.tile is None else {"moe_tile": args.tile}
 
   def loss_fn(p, ids):
-    logits = forward(p, ids, cfg, remat_policy=args.remat, moe_kernel=args.kernel, attention=args.attention, **tile)
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    return -jnp.mean(jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1))
+    h = forward(p, ids, cfg, remat_policy=args.remat, moe_kernel=args.kernel, attention=args.attention,
+                return_hidden=True, **tile)
+    ce, _ = lm_head_ce(h, p["lm_head"], targets, mask, chunk=args.loss_chunk, dtype=jnp.float32)
+    return ce / jnp.sum(mask)
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def step(p, s, ids):
@@ -99,13 +118,14 @@ def run_ours(args, cfg):
     updates, s = opt.update(g, s, p)
     return optax.apply_updates(p, updates), s, loss
 
-  times, losses = [], []
+  times, cpu, losses = [], [], []
   for i in range(args.warmup + args.steps):
-    t = time.perf_counter()
+    t, c = time.perf_counter(), cpu_s()
     params, opt_state, loss = step(params, opt_state, ids)
     losses.append(float(loss))  # blocks until the step is done
     times.append(time.perf_counter() - t)
-  return times[args.warmup:], losses
+    cpu.append(cpu_s() - c)
+  return times[args.warmup:], cpu[args.warmup:], losses
 
 
 def load_reference(cfg):
@@ -133,17 +153,18 @@ def run_reference(args, cfg):
   model = load_reference(cfg).train()
   ids = torch.from_numpy(make_tokens(cfg, args.batch, args.seq)).long()
   opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
-  times, losses = [], []
+  times, cpu, losses = [], [], []
   for i in range(args.warmup + args.steps):
-    t = time.perf_counter()
+    t, c = time.perf_counter(), cpu_s()
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
     losses.append(float(loss))
     times.append(time.perf_counter() - t)
+    cpu.append(cpu_s() - c)
   impl = (model.config._attn_implementation, model.config._experts_implementation)
-  return times[args.warmup:], losses, impl
+  return times[args.warmup:], cpu[args.warmup:], losses, impl
 
 
 def breakdown_ours(args, cfg, reps=5):
@@ -168,7 +189,7 @@ def breakdown_ours(args, cfg, reps=5):
 
   def moe(p, x):
     y, _, _ = moe_lib.moe(p, x, top_k=cfg.num_experts_per_tok, limit=cfg.swiglu_limit, alpha=cfg.swiglu_alpha,
-                          kernel=kernel, tile=64 if args.tile is None else args.tile)
+                          kernel=kernel, tile=args.tile or 0)
     return jnp.sum(y)
 
   out = {}
@@ -219,13 +240,17 @@ def child(args):
     fn = breakdown_ours if args.only == "ours" else breakdown_reference
     result = {"breakdown_s": fn(args, cfg)}
   elif args.only == "ours":
-    times, losses = run_ours(args, cfg)
-    result = {"times": times, "losses": losses}
+    times, cpu, losses = run_ours(args, cfg)
+    result = {"times": times, "cpu_s": cpu, "losses": losses}
   else:
-    times, losses, impl = run_reference(args, cfg)
-    result = {"times": times, "losses": losses, "impl": impl}
+    times, cpu, losses, impl = run_reference(args, cfg)
+    result = {"times": times, "cpu_s": cpu, "losses": losses, "impl": impl}
   result["peak_rss_mib"] = peak_rss_mib()
   print("RESULT " + json.dumps(result))
+
+
+def median(xs):
+  return sorted(xs)[len(xs) // 2]
 
 
 def spawn(side: str, argv: list[str], threads: int) -> dict:
@@ -247,23 +272,38 @@ def main(argv=None):
   if args.only:
     return child(args)
   tokens = args.batch * args.seq
+  log = sys.stderr if args.json else sys.stdout
   print(f"bench config: {BENCH}; batch {args.batch} x seq {args.seq} = {tokens} tokens/step, fp32, AdamW, "
         f"{args.threads} threads; ours: kernel={args.kernel} tile={args.tile or 'default'} remat={args.remat} "
-        f"attention={args.attention}")
+        f"attention={args.attention} loss_chunk={args.loss_chunk}", file=log)
   results = {side: spawn(side, argv, args.threads) for side in ("ours", "reference")}
+  setup = {"config": BENCH, "batch": args.batch, "seq": args.seq, "threads": args.threads, "kernel": args.kernel,
+           "tile": args.tile, "remat": args.remat, "attention": args.attention, "loss_chunk": args.loss_chunk}
   if args.breakdown:
     for side, r in results.items():
       parts = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in r["breakdown_s"].items())
-      print(f"{side:9s}: fwd+bwd per block: {parts}")
+      print(f"{side:9s}: fwd+bwd per block: {parts}", file=log)
+    if args.json:
+      print(json.dumps({**setup, "ours_breakdown_s": results["ours"]["breakdown_s"],
+                        "reference_breakdown_s": results["reference"]["breakdown_s"]}))
     return
-  rates = {}
+  rates, cpus = {}, {}
+  out = dict(setup, steps=args.steps, warmup=args.warmup, load_average=os.getloadavg()[0])
   for side, r in results.items():
-    med = sorted(r["times"])[len(r["times"]) // 2]
-    rates[side] = tokens / med
+    med = median(r["times"])
+    rates[side], cpus[side] = tokens / med, median(r["cpu_s"])
     extra = f" ({r['impl'][0]} attention, {r['impl'][1]} experts)" if "impl" in r else ""
-    print(f"{side:9s}: {rates[side]:8.0f} tokens/s  median step {med:6.2f} s  peak RSS {r['peak_rss_mib']:6.0f} MiB"
-          f"  loss {r['losses'][0]:.4f} -> {r['losses'][-1]:.4f}{extra}")
-  print(f"ours / reference: {rates['ours'] / rates['reference']:.2f}x")
+    print(f"{side:9s}: {rates[side]:8.0f} tokens/s  median step {med:6.2f} s ({cpus[side]:6.2f} CPU s)  peak RSS "
+          f"{r['peak_rss_mib']:6.0f} MiB  loss {r['losses'][0]:.4f} -> {r['losses'][-1]:.4f}{extra}", file=log)
+    out.update({f"{side}_tokens_per_s": rates[side], f"{side}_median_step_s": med,
+                f"{side}_cpu_s_per_step": cpus[side], f"{side}_peak_rss_mib": r["peak_rss_mib"],
+                f"{side}_losses": r["losses"]})
+  out["ratio"] = rates["ours"] / rates["reference"]
+  out["cpu_ratio"] = cpus["reference"] / cpus["ours"]
+  print(f"ours / reference: {out['ratio']:.2f}x wall, {out['cpu_ratio']:.2f}x CPU time "
+        f"(load average {out['load_average']:.1f})", file=log)
+  if args.json:
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

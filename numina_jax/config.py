@@ -1,24 +1,38 @@
-"""Training-config schema helpers: the shared base config, validation at start-up, and override checks."""
+"""The training config: its schema (every field once), the loader every CLI shares, validation at start-up, and
+the model architecture it names."""
 
 from __future__ import annotations
 
 import copy
 import difflib
+import importlib.util
+import math
+import os
 import re
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import ml_collections
+from absl import flags
+from ml_collections import config_flags
 
+from numina_jax import checkpoint as ckpt
+from numina_jax import storage
+from numina_jax.data import default_data_config, validate_data_config
+from numina_jax.data.sources import source_specs
+from numina_jax.hf.load import resolve_checkpoint
 from numina_jax.model.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
+from numina_jax.model.config import GptOssConfig
+from numina_jax.model.moe import MOE_KERNELS as _KERNELS
 from numina_jax.model.transformer import DTYPES, REMAT_POLICIES
 
-MOE_KERNELS = ("auto", "tiled", "ragged", "gmm", "dense")
+MOE_KERNELS = ("auto", *_KERNELS)
+
+REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+DEFAULT_CONFIG = os.path.join(REPO_CONFIGS, "default.py")
 
 
 def base_config() -> ml_collections.ConfigDict:
   """Every training field, defined once. Config files in `configs/` start from this and change values."""
-  from numina_jax.data import default_data_config
-
   c = ml_collections.ConfigDict()
   c.lr = 2e-5  # peak learning rate (AdamW), reached after warmup
   c.warmup_ratio = 0.0  # fraction of total steps spent warming up linearly from 0 to `lr`
@@ -35,6 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every_steps = 500  # steps between evaluations on the held-out split (0 = only at the end)
   c.remat_policy = "full"  # activation rematerialization: none | full | save_dots | save_dots_no_batch | save_qkv_out
   c.stage = "cot"  # recipe stage trained by this config: cot (chain of thought) | tir (tool-integrated)
+  c.next_stage = ""  # then train get_config(next_stage) of the same config file, from this stage's best checkpoint
   c.export_hf = False  # write a Hugging Face checkpoint (safetensors) to workdir/hf at the end
   c.export_dtype = "bfloat16"  # dtype of the exported weights
   c.plot = True  # write workdir/training.png (loss and learning rate) at the end
@@ -62,9 +77,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.moe_tile = 0  # rows per tile of the CPU tiled MoE kernel; 0 = chosen from the shapes
   c.model.moe_capacity_factor = 0.0  # 0 = dropless; > 0 caps each expert at factor x its even share, counts drops
   c.model.attention = "auto"  # auto (splash on TPU, xla elsewhere) | xla (blockwise) | dense (reference) | splash
-  c.model.router_aux_loss_coef = 0.0  # weight of the load-balancing loss (the checkpoint's config says 0.9)
+  c.model.load_balancing_loss_coef = 0.0  # weight of the MoE load-balancing loss in our training loss (not the checkpoint's router_aux_loss_coef)
   c.model.z_loss_coef = 0.0  # weight of the z-loss (mean squared log-partition) on loss tokens
-  c.model.loss_chunk = 512  # sequence chunk for the lm_head + cross-entropy, so full logits never exist at once
+  c.model.loss_chunk = 512  # sequence chunk of the lm_head + cross-entropy (divides seq_len; 0 = whole sequence)
 
   c.data = default_data_config()
 
@@ -90,17 +105,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.keep_best = 1  # best checkpoints by eval loss kept besides the recent ones
   c.checkpoint.async_save = True  # write checkpoints in the background
 
-  c.stage2 = ml_collections.ConfigDict()
-  c.stage2.enabled = False  # after this stage, run the TIR stage from its best checkpoint (in workdir/stage2_tir)
-  c.stage2.dataset_name = ""  # TIR dataset (data.dataset_name of stage 2; stage 1's data.dataset_config is not carried over)
-  c.stage2.mixture = ()  # weighted TIR sources (data.mixture of stage 2); () = stage2.dataset_name alone
-  c.stage2.eval_dataset_name = ""  # eval source of stage 2; "" = held out from stage 2's own sources
-  c.stage2.seq_len = 1024  # block length of stage 2
-  c.stage2.num_epochs = 4  # epochs of stage 2
-  c.stage2.max_steps = 0  # steps of stage 2 (0 = from epochs)
-  c.stage2.warmup_ratio = 0.1  # warmup of stage 2
-  c.stage2.lr = 2e-5  # peak learning rate of stage 2
-
   c.multihost = False  # start with jax.distributed.initialize() (multi-host slices and clusters)
   c.distributed = ml_collections.ConfigDict()
   c.distributed.coordinator_address = ""  # host:port of process 0; "" = auto-detect (Cloud TPU, SLURM, Open MPI, Kubernetes)
@@ -108,6 +112,29 @@ def base_config() -> ml_collections.ConfigDict:
   c.distributed.process_id = -1  # this process's index; -1 = auto-detect
   c.distributed.initialization_timeout = 300  # seconds to wait for every process to connect to the coordinator
   return c
+
+
+def model_config_for(cfg: ml_collections.ConfigDict, tokenizer) -> GptOssConfig:
+  """The architecture: from the starting checkpoint, a config.json, or the tiny preset."""
+  m = cfg.model
+  if m.hf_path:
+    return GptOssConfig.from_pretrained(resolve_checkpoint(m.hf_path))
+  if m.init_checkpoint:
+    return ckpt.load_model_config(m.init_checkpoint)
+  if m.config_path:
+    return GptOssConfig.from_pretrained(m.config_path)
+  vocab = m.vocab_size or int(math.ceil(len(tokenizer) / 64) * 64)
+  if vocab < len(tokenizer):
+    raise ValueError(f"config.model.vocab_size={vocab} is smaller than the tokenizer ({len(tokenizer)} tokens)")
+  pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+  eos = tokenizer.convert_tokens_to_ids("<|return|>")
+  return GptOssConfig(
+      vocab_size=vocab, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+      num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
+      num_key_value_heads=m.num_key_value_heads, head_dim=m.head_dim, num_local_experts=m.num_local_experts,
+      num_experts_per_tok=m.num_experts_per_tok, sliding_window=m.sliding_window,
+      rope_original_max_position_embeddings=max(cfg.seq_len, 64),
+      pad_token_id=pad, eos_token_id=eos)
 
 
 def _flat_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
@@ -120,6 +147,14 @@ def _flat_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
   return out
 
 
+# Fields that were renamed, so that an old command line gets a message naming the new field.
+RENAMED = {
+    "model.router_aux_loss_coef": "model.load_balancing_loss_coef",  # the checkpoint's config has a field of
+                                                                     # that name with another value (0.9)
+    "data.num_epochs": "data.stream_epochs",  # not the training epochs (num_epochs): where the data stream ends
+}
+
+
 def check_overrides(cfg: ml_collections.ConfigDict, argv: Iterable[str], flag: str = "config") -> None:
   """Raises ValueError naming an unknown `--config.X` override and the closest valid names."""
   keys = _flat_keys(cfg)
@@ -128,6 +163,11 @@ def check_overrides(cfg: ml_collections.ConfigDict, argv: Iterable[str], flag: s
     if not m:
       continue
     name = m.group(1)
+    if name in RENAMED and name not in keys:
+      raise ValueError(f"--{flag}.{name} was renamed --{flag}.{RENAMED[name]}")
+    if name.startswith("stage2.") and "stage2" not in cfg:
+      raise ValueError(f"--{flag}.{name}: the stage2 block is gone; a stage is its config file's get_config(stage) "
+                       f"(`--config path:tir`), and --{flag}.next_stage=tir runs it after this one")
     if name not in keys:
       close = difflib.get_close_matches(name, keys, n=3, cutoff=0.7)
       hint = f"; did you mean {', '.join('--' + flag + '.' + c for c in close)}?" if close else ""
@@ -173,7 +213,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   need(m.attention in ATTENTION_IMPLEMENTATIONS, "model.attention",
        f"{m.attention!r} is not one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
   need(m.loss_chunk >= 0, "model.loss_chunk", f"must be >= 0, got {m.loss_chunk}")
-  need(m.router_aux_loss_coef >= 0, "model.router_aux_loss_coef", "must be >= 0")
+  need(not m.loss_chunk or m.loss_chunk >= cfg.seq_len or cfg.seq_len % m.loss_chunk == 0, "model.loss_chunk",
+       f"{m.loss_chunk} does not divide seq_len {cfg.seq_len}; use a divisor of it (or 0 for the whole sequence "
+       f"at once)")
+  need(m.load_balancing_loss_coef >= 0, "model.load_balancing_loss_coef", "must be >= 0")
   need(m.z_loss_coef >= 0, "model.z_loss_coef", "must be >= 0")
   need(not (m.hf_path and m.init_checkpoint), "model.hf_path",
        "set either model.hf_path or model.init_checkpoint, not both")
@@ -201,33 +244,77 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   if not cfg.multihost:
     for f, unset in (("coordinator_address", ""), ("num_processes", 0), ("process_id", -1)):
       need(d[f] == unset, f"distributed.{f}", "is set but config.multihost is False; add --config.multihost=True")
-  from numina_jax.data import validate_data_config
   validate_data_config(cfg.data)
-  if cfg.stage2.enabled:
-    need(bool(cfg.stage2.dataset_name) or bool(cfg.stage2.mixture), "stage2.dataset_name",
-         "set stage2.dataset_name or stage2.mixture when stage2.enabled")
-    need(cfg.stage2.seq_len > 1, "stage2.seq_len", "must be > 1")
-    need(cfg.stage2.lr > 0, "stage2.lr", "must be > 0")
-    from numina_jax.data.sources import source_specs
-    data2 = stage2_data_config(cfg)
-    try:
-      validate_data_config(data2)
-    except ValueError as e:
-      raise ValueError(f"stage 2 (config.stage2.dataset_name / stage2.mixture): {e}") from None
-
-    def sources(data):
-      return sorted((s.name, s.config, s.split) for s in source_specs(data) if s.weight > 0)
-    need(sources(data2) != sources(cfg.data), "stage2.dataset_name",
-         f"stage 2 would train on stage 1's data {[s[0] for s in sources(cfg.data)]}; set stage2.dataset_name or "
-         f"stage2.mixture to the TIR data")
+  need(cfg.next_stage != cfg.stage, "next_stage", f"is this stage ({cfg.stage!r}); name the stage that follows it")
 
 
-def stage2_data_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The `data` section of stage 2: stage 1's rendering and packing options with stage 2's own sources."""
-  data = copy.deepcopy(cfg.data)
-  with data.unlocked():
-    data.dataset_name = cfg.stage2.dataset_name
-    data.mixture = cfg.stage2.mixture
-    data.dataset_config = ""
-    data.eval_dataset_name = cfg.stage2.eval_dataset_name
-  return data
+def next_stage_config(prev: ml_collections.ConfigDict, nxt: ml_collections.ConfigDict, *, root: str, index: int,
+                      previous_workdir: str) -> ml_collections.ConfigDict:
+  """Stage `index` (2, 3, ...) of a chain: `nxt` is the config file's `get_config(prev.next_stage)`, which
+  describes the stage; the chain only places it. It writes to `<root>/stage<index>_<stage>`, starts from the
+  previous stage's best checkpoint, and must not train on the previous stage's sources."""
+  c = copy.deepcopy(nxt)
+  with c.unlocked():
+    c.model.hf_path = ""
+    c.model.init_checkpoint = storage.join(previous_workdir, "checkpoints")
+    c.model.init_step = -1
+    c.workdir = storage.join(root, f"stage{index}_{c.stage}")
+  validate(c)
+
+  def sources(data):
+    return sorted((s.name, s.config, s.split) for s in source_specs(data) if s.weight > 0)
+  if sources(c.data) == sources(prev.data):
+    raise ValueError(f"config.next_stage: stage {c.stage!r} would train on stage {prev.stage!r}'s data "
+                     f"{[s[0] for s in sources(prev.data)]}; get_config({prev.next_stage!r}) must set its own "
+                     f"data.dataset_name or data.mixture")
+  return c
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """The config of `path[:arg]`, built the way `ml_collections.config_flags` builds it (`get_config(arg)`)."""
+  path, _, arg = spec.partition(":")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"--config: no config file at {path}")
+  mod_spec = importlib.util.spec_from_file_location("_numina_config", path)
+  mod = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(mod)
+  return mod.get_config(arg) if arg else mod.get_config()
+
+
+def config_spec(argv: Sequence[str], default: str = DEFAULT_CONFIG) -> str:
+  """The `path[:arg]` given as `--config=...` or `--config ...` in argv, else `default`."""
+  for i, a in enumerate(argv):
+    if a.startswith("--config="):
+      return a.split("=", 1)[1]
+    if a == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return default
+
+
+def config_overrides(argv: Sequence[str]) -> list[str]:
+  """The `--config.X=V` (or `--config.X V`) flags of argv, in order."""
+  out = []
+  for i, a in enumerate(argv):
+    if a.startswith("--config."):
+      out.append(a)
+      if "=" not in a and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+        out.append(argv[i + 1])
+  return out
+
+
+def load_config(argv: Sequence[str], default: str = DEFAULT_CONFIG) -> ml_collections.ConfigDict:
+  """The config every CLI trains or plans with: `--config path[:arg]` plus its `--config.X=V` overrides, parsed
+  by `ml_collections.config_flags` exactly as `python -m numina_jax.train` parses them. argv holds only those
+  flags. A missing file or an unknown field is an error naming it (and the closest valid field names)."""
+  argv = list(argv)
+  spec = config_spec(argv, default)
+  check_overrides(load_config_file(spec), argv)
+  fv = flags.FlagValues()
+  full_argv = ["numina_jax", *argv]
+  holder = config_flags.DEFINE_config_file("config", default, "training config file", flag_values=fv,
+                                           lock_config=True, sys_argv=full_argv)
+  try:
+    fv(full_argv)
+  except flags.Error as e:
+    raise ValueError(str(e)) from None
+  return holder.value

@@ -11,21 +11,9 @@ import re
 import sys
 
 from numina_jax import storage
+from numina_jax.cli import parse_mesh
 
 USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, KeyError)
-
-
-def _mesh_arg(text: str) -> dict[str, int]:
-  out = {}
-  for part in filter(None, text.split(",")):
-    name, sep, size = part.partition("=")
-    if not sep:
-      raise argparse.ArgumentTypeError(f"mesh entries look like fsdp=4, got {part!r}")
-    try:
-      out[name.strip()] = int(size)
-    except ValueError:
-      raise argparse.ArgumentTypeError(f"mesh size for {name!r} must be an integer, got {size!r}") from None
-  return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
   imp.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"),
                    help="parameter dtype to store (default: %(default)s; MXFP4 values are exact in both)")
   imp.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) for a Hub id")
-  imp.add_argument("--mesh", type=_mesh_arg, default={"fsdp": -1}, metavar="AXIS=N,...",
+  imp.add_argument("--mesh", type=parse_mesh, default={"fsdp": -1}, metavar="AXIS=N,...",
                    help="device mesh to load into, axes data/fsdp/expert/tensor, one may be -1 "
                         "(default: fsdp=-1, every local device on fsdp)")
   imp.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
@@ -67,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
   exp.add_argument("--tokenizer", default=None, metavar="PATH_OR_ID",
                    help="copy this tokenizer (folder or Hub id) into HF_DIR")
   exp.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default: %(default)s)")
-  exp.add_argument("--mesh", type=_mesh_arg, default={"fsdp": -1}, metavar="AXIS=N,...",
+  exp.add_argument("--mesh", type=parse_mesh, default={"fsdp": -1}, metavar="AXIS=N,...",
                    help="device mesh to restore into (default: fsdp=-1)")
   exp.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
   exp.set_defaults(func=run_export)

@@ -18,6 +18,7 @@ import time
 from typing import Sequence
 
 from numina_jax import storage
+from numina_jax.cli import parse_mesh
 from numina_jax.eval import sctir as sctir_lib
 from numina_jax.eval.datasets import SETS, add_eval_set_flags, eval_set_from_flags
 
@@ -48,19 +49,6 @@ def _number(kind, lo: float, *, strict: bool = False):
       raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {lo:g}, got {text}")
     return value
   return parse
-
-
-def _mesh(text: str) -> dict[str, int]:
-  out = {}
-  for part in filter(None, text.split(",")):
-    name, sep, size = part.partition("=")
-    if not sep:
-      raise argparse.ArgumentTypeError(f"mesh entries look like fsdp=4, got {part!r}")
-    try:
-      out[name.strip()] = int(size)
-    except ValueError:
-      raise argparse.ArgumentTypeError(f"mesh size for {name!r} must be an integer, got {size!r}") from None
-  return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="python calls run at once (default: the CPU count)")
 
   j = p.add_argument_group("in-process sampler (--checkpoint, --hf)")
-  j.add_argument("--mesh", type=_mesh, default={"fsdp": -1}, metavar="AXIS=N,...",
+  j.add_argument("--mesh", type=parse_mesh, default={"fsdp": -1}, metavar="AXIS=N,...",
                  help="device mesh, axes data/fsdp/expert/tensor, one may be -1 (default: fsdp=-1)")
   j.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="(default: %(default)s)")
   j.add_argument("--max-len", type=_number(int, 2), default=16384,

@@ -11,7 +11,9 @@ from numina_jax.model.moe import load_balancing_loss
 
 
 def lm_head_ce(h_BTD, lm_head_DV, targets_BT, mask_BT, *, chunk: int, dtype):
-  """Sums over the masked tokens of (cross-entropy, logsumexp^2), chunked over T and rematerialized."""
+  """Sums over the masked tokens of (cross-entropy, logsumexp^2), chunked over T and rematerialized.
+
+  `chunk` 0 (or >= T) computes the whole sequence at once; otherwise it must divide T."""
 
   def one(h, t, m):
     logits = jnp.einsum("btd,dv->btv", h, lm_head_DV.astype(dtype),
@@ -21,8 +23,11 @@ def lm_head_ce(h_BTD, lm_head_DV, targets_BT, mask_BT, *, chunk: int, dtype):
     return jnp.sum((lse - tgt) * m), jnp.sum(jnp.square(lse) * m)
 
   B, T, D = h_BTD.shape
-  if not chunk or chunk >= T or T % chunk:
+  if not chunk or chunk >= T:
     return one(h_BTD, targets_BT, mask_BT)
+  if T % chunk:
+    raise ValueError(f"loss_chunk {chunk} does not divide the sequence length {T}; set model.loss_chunk to a "
+                     f"divisor of it (or 0 for the whole sequence at once)")
   n = T // chunk
   xs = (h_BTD.reshape(B, n, chunk, D).swapaxes(0, 1), targets_BT.reshape(B, n, chunk).swapaxes(0, 1),
         mask_BT.reshape(B, n, chunk).swapaxes(0, 1))

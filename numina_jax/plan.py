@@ -17,7 +17,6 @@ import json
 import os
 import sys
 import time
-from typing import Any
 
 from numina_jax.metrics import Chip, chip, flops_per_token
 
@@ -153,13 +152,13 @@ def compile_step(cfg, model_cfg, devices):
   import numpy as np
   from jax.sharding import NamedSharding, PartitionSpec as P
 
+  from numina_jax.data.packing import BATCH_KEYS
   from numina_jax.model.attention import resolve_attention, splash_train_flops
   from numina_jax.model.params import count_params, param_specs
   from numina_jax.model.transformer import as_dtype
   from numina_jax.optim import make_optimizer
-  from numina_jax.sharding import make_mesh, param_shardings
-  from numina_jax.step import BATCH_KEYS, StepConfig, batch_shardings, host_flags_sharding, jit_train_step
-  from numina_jax.trainer import NUM_FLAGS, opt_state_shardings
+  from numina_jax.sharding import make_mesh, opt_state_shardings, param_shardings
+  from numina_jax.step import NUM_FLAGS, StepConfig, batch_shardings, host_flags_sharding, jit_train_step
 
   mesh = make_mesh(dict(cfg.mesh), devices)
   specs = param_specs(model_cfg)
@@ -299,7 +298,7 @@ def model_config_from(cfg, model_config_path: str | None):
     from numina_jax.checkpoint import load_model_config
     return load_model_config(cfg.model.init_checkpoint)
   from numina_jax.data import load_tokenizer
-  from numina_jax.trainer import model_config_for
+  from numina_jax.config import model_config_for
   return model_config_for(cfg, load_tokenizer(cfg.data.tokenizer))
 
 
@@ -323,12 +322,9 @@ def main(argv=None) -> int:
   if bad:
     p.error(f"unrecognized arguments: {' '.join(bad)}")
 
-  from numina_jax.config import check_overrides, validate
-  from numina_jax.train import DEFAULT_CONFIG, load_config_file
+  from numina_jax.config import DEFAULT_CONFIG, load_config, validate
   try:
-    cfg = load_config_file(args.config or DEFAULT_CONFIG)
-    check_overrides(cfg, overrides)
-    _apply_overrides(cfg, overrides)
+    cfg = load_config([f"--config={args.config or DEFAULT_CONFIG}", *overrides])
     validate(cfg)
     topology = cfg.topology if args.topology is None else args.topology
     topology = "" if topology == "local" else topology
@@ -363,12 +359,10 @@ def sweep(args, overrides: list[str], topology: str, candidates: list[str]) -> i
   import subprocess
   import tempfile
 
-  from numina_jax.config import check_overrides
-  from numina_jax.train import DEFAULT_CONFIG, load_config_file
-  base = load_config_file(args.config or DEFAULT_CONFIG)
+  from numina_jax.config import DEFAULT_CONFIG, load_config, validate
   runs = [(c, candidate_overrides(c)) for c in candidates]
-  for c, extra in runs:  # catch a typo before minutes of compiling
-    check_overrides(base, extra)
+  for c, extra in runs:  # catch a typo or a bad value before minutes of compiling
+    validate(load_config([f"--config={args.config or DEFAULT_CONFIG}", *overrides, *extra]))
   logs = args.sweep_logs or tempfile.mkdtemp(prefix="plan_sweep_")
   os.makedirs(logs, exist_ok=True)
   results = []
@@ -425,26 +419,6 @@ def sweep_table(results: list[dict]) -> str:
         f"{rf['step_s']:.3f} ({rf['compute_s']:.3f}, {rf['hbm_s']:.3f}, {rf['ici_s']:.3f})",
         f"{rf['mfu']:.1%}", f"{r['seconds']:.0f}"]) + " |")
   return "\n".join(lines)
-
-
-def _apply_overrides(cfg, overrides: list[str]) -> None:
-  """`--config.a.b=v` onto a config, parsing v as the field's type."""
-  for arg in overrides:
-    path, _, raw = arg[len("--config."):].partition("=")
-    *parents, leaf = path.split(".")
-    node = cfg
-    for part in parents:
-      node = node[part]
-    current: Any = node[leaf]
-    if isinstance(current, bool):
-      value: Any = raw.lower() in ("1", "true", "yes")
-    elif isinstance(current, int):
-      value = int(raw)
-    elif isinstance(current, float):
-      value = float(raw)
-    else:
-      value = raw
-    node[leaf] = value
 
 
 if __name__ == "__main__":

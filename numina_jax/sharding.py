@@ -7,6 +7,7 @@ intermediate and vocab split across devices).
 
 from __future__ import annotations
 
+import logging
 from typing import Mapping, Sequence
 
 import jax
@@ -62,17 +63,33 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int], devices: Sequence[jax.De
   if int(np.prod(dims)) != len(devices):
     raise ValueError(f"mesh {dict(zip(MESH_AXES, dims))} needs {int(np.prod(dims))} devices, "
                      f"but {len(devices)} are available")
+  return Mesh(_device_array(dims, devices), MESH_AXES)
+
+
+def _device_array(dims: list[int], devices: list[jax.Device]) -> np.ndarray:
+  """Devices laid out so that each mesh axis follows the TPU's physical torus where it can. A mesh axis that
+  no whole physical axis matches (tensor 2 on a 4x4x4 slice) splits a physical axis: neighbours along it are
+  still ICI neighbours, which is what `allow_split_physical_axes` permits. Off TPU, `mesh_utils` orders
+  devices as given (CPU) or by its own GPU rules. (mesh_utils reports a layout it cannot make with
+  NotImplementedError, ValueError or a failed assert.)"""
   try:
-    device_array = mesh_utils.create_device_mesh(dims, devices)
-  except Exception:  # CPU and odd shapes: plain order is fine there
-    device_array = np.asarray(devices).reshape(dims)
-  return Mesh(device_array, MESH_AXES)
+    return mesh_utils.create_device_mesh(dims, devices)
+  except (NotImplementedError, ValueError, AssertionError):
+    pass
+  try:
+    return mesh_utils.create_device_mesh(dims, devices, allow_split_physical_axes=True)
+  except (NotImplementedError, ValueError, AssertionError) as e:
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, dims))} cannot be laid out on the {len(devices)} "
+                     f"{devices[0].device_kind} devices' torus ({e}); choose mesh axis sizes that are products "
+                     f"of the slice's physical axes (config.mesh.*)") from None
 
 
 def logical_to_spec(logical_axes: Sequence[str | None], rules: Mapping[str, object] | None = None,
                     mesh: Mesh | None = None, shape: Sequence[int] | None = None) -> P:
   """PartitionSpec for `logical_axes`. With `mesh` and `shape`, an axis whose size does not divide by its mesh
-  axes (or a mesh axis already used) stays replicated, so any config runs on any mesh."""
+  axes (or a mesh axis already used) stays replicated, so any config runs on any mesh: a deliberate choice
+  (8 KV heads on tensor 16 is a valid model), and for parameters a logged one (`param_shardings` warns once
+  per parameter and mesh, and `numina_jax.plan`'s memory figures, compiled with these shardings, include the copies)."""
   rules = DEFAULT_RULES if rules is None else rules
   used: set[str] = set()
   out = []
@@ -104,8 +121,37 @@ def named_sharding(mesh: Mesh, logical_axes: Sequence[str | None], shape: Sequen
 
 
 def param_shardings(specs: Mapping[str, object], mesh: Mesh, rules=None) -> dict[str, NamedSharding]:
-  """NamedSharding for every parameter of a `param_specs` table."""
-  return {k: named_sharding(mesh, s.logical_axes, s.shape, rules) for k, s in specs.items()}
+  """NamedSharding for every parameter of a `param_specs` table; a parameter that stays (partly) replicated
+  because its size does not divide the mesh is logged once."""
+  out = {}
+  for k, s in specs.items():
+    out[k] = named_sharding(mesh, s.logical_axes, s.shape, rules)
+    wanted = logical_to_spec(s.logical_axes, rules, mesh)
+    if out[k].spec != wanted and (k, tuple(mesh.shape.items())) not in _WARNED:
+      _WARNED.add((k, tuple(mesh.shape.items())))
+      logging.getLogger("numina_jax").warning(
+          "parameter %s %s: logical axes %s want %s on mesh %s but the sizes do not divide; sharded as %s "
+          "(the rest replicated)", k, tuple(s.shape), tuple(s.logical_axes), wanted, dict(mesh.shape),
+          out[k].spec)
+  return out
+
+
+_WARNED: set = set()
+
+
+def opt_state_shardings(tx, params_abstract, p_shardings, mesh: Mesh):
+  """Optimizer moments follow their parameter's sharding; everything else (counts, scalars) is replicated."""
+  abstract = jax.eval_shape(tx.init, params_abstract)
+  rep = NamedSharding(mesh, P())
+
+  def pick(path, leaf):
+    for entry in reversed(path):
+      key = getattr(entry, "key", None)
+      if isinstance(key, str) and key in p_shardings and tuple(leaf.shape) == tuple(params_abstract[key].shape):
+        return p_shardings[key]
+    return rep
+
+  return jax.tree_util.tree_map_with_path(pick, abstract)
 
 
 def with_logical_constraint(x: jax.Array, logical_axes: Sequence[str | None], rules=None) -> jax.Array:

@@ -16,11 +16,13 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from numina_jax.data.packing import BATCH_KEYS
 from numina_jax.loss import loss_terms
 from numina_jax.model.config import GptOssConfig
 from numina_jax.sharding import logical_to_spec
 
-BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
+STOP, CHECKPOINT_DUE = 0, 1  # columns of the host flags (see `host_flags_sharding`)
+NUM_FLAGS = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +48,7 @@ class StepConfig:
                moe_kernel=cfg.model.moe_kernel, moe_tile=cfg.model.moe_tile,
                moe_capacity_factor=cfg.model.moe_capacity_factor, attention=cfg.model.attention,
                loss_chunk=cfg.model.loss_chunk,
-               aux_coef=cfg.model.router_aux_loss_coef, z_coef=cfg.model.z_loss_coef,
+               aux_coef=cfg.model.load_balancing_loss_coef, z_coef=cfg.model.z_loss_coef,
                num_microbatches=cfg.global_batch_size // micro)
 
 

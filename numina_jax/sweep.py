@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 from numina_jax import storage
+from numina_jax.config import DEFAULT_CONFIG, load_config
 
 
 def parse_lrs(text: str) -> list[float]:
@@ -39,7 +40,7 @@ def trial_dir(base: str, lr: float) -> str:
 
 def run_trial(config: str, lr: float, steps: int, workdir: str, extra: list[str]) -> dict:
   cmd = [sys.executable, "-m", "numina_jax.train", f"--config={config}", f"--config.lr={lr}",
-         f"--config.max_steps={steps}", f"--config.workdir={workdir}", "--config.stage2.enabled=False",
+         f"--config.max_steps={steps}", f"--config.workdir={workdir}", "--config.next_stage=",
          "--config.export_hf=False", *extra]
   print(f"\n=== lr={lr:g}: {' '.join(cmd[1:])}", flush=True)
   proc = subprocess.run(cmd)
@@ -83,12 +84,9 @@ def main(argv=None) -> int:
     p.error(f"unrecognized arguments: {' '.join(bad)} (only --config.X=V overrides pass through)")
   if args.steps <= 0:
     p.error("--steps must be > 0")
-  from numina_jax.train import DEFAULT_CONFIG, load_config_file
-  from numina_jax.config import check_overrides
   config = args.config or DEFAULT_CONFIG
   try:
-    cfg = load_config_file(config)
-    check_overrides(cfg, extra)
+    cfg = load_config([f"--config={config}", *extra])
   except (FileNotFoundError, ValueError) as e:
     p.error(str(e))
   base = args.workdir or cfg.workdir

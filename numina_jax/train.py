@@ -4,7 +4,10 @@
   python -m numina_jax.train --config configs/oss120b_v5.py --config.lr=3e-5
   python -m numina_jax.train --config configs/oss120b_v5.py:tir   # stage 2 (tool-integrated reasoning)
 
-Every field of the config can be overridden as --config.FIELD=VALUE (e.g. --config.data.dataset_name=...).
+A stage is a config file's get_config(stage) (`path:stage`). A stage that sets next_stage (the demo's CoT stage
+does) is followed by the same file's get_config(next_stage), from its best checkpoint, in workdir/stage<k>_<stage>.
+Every field of the config can be overridden as --config.FIELD=VALUE (e.g. --config.data.dataset_name=...); in a
+chain the overrides apply to every stage.
 Rerunning the same command resumes from the latest checkpoint in the workdir. On several hosts every host runs
 the same command with --config.multihost=True (the coordinator is auto-detected on Cloud TPU, SLURM, Open MPI
 and Kubernetes; elsewhere set --config.distributed.coordinator_address/num_processes/process_id).
@@ -12,47 +15,25 @@ and Kubernetes; elsewhere set --config.distributed.coordinator_address/num_proce
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import os
 import sys
 
 from absl import app
 from ml_collections import config_flags
 
-REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-DEFAULT_CONFIG = os.path.join(REPO_CONFIGS, "default.py")
+from numina_jax.config import (DEFAULT_CONFIG, check_overrides, config_overrides, config_spec, load_config,
+                               load_config_file)
 
+_ARGV: list[str] = []  # the command line's flags, for the stages a chain (config.next_stage) loads
 _CONFIG = None  # defined in main(), after the overrides were checked: ml_collections reads them at definition
-
-
-def load_config_file(spec: str):
-  """Loads `path[:arg]` the way config_flags does (used to check overrides before flag parsing)."""
-  path, _, arg = spec.partition(":")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"--config: no config file at {path}")
-  mod_spec = importlib.util.spec_from_file_location("_numina_config", path)
-  mod = importlib.util.module_from_spec(mod_spec)
-  mod_spec.loader.exec_module(mod)
-  return mod.get_config(arg) if arg else mod.get_config()
-
-
-def _config_arg(argv: list[str]) -> str:
-  for i, a in enumerate(argv):
-    if a.startswith("--config="):
-      return a.split("=", 1)[1]
-    if a == "--config" and i + 1 < len(argv):
-      return argv[i + 1]
-  return DEFAULT_CONFIG
 
 
 def precheck(argv: list[str]) -> None:
   """Unknown `--config.X` overrides and bad config paths become one-line errors rather than tracebacks."""
-  from numina_jax.config import check_overrides
   if any(a in ("-h", "--help", "--helpfull", "--helpshort") for a in argv):
     return
   try:
-    cfg = load_config_file(_config_arg(argv))
+    cfg = load_config_file(config_spec(argv))
     check_overrides(cfg, argv)
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"error: {e}")
@@ -65,8 +46,15 @@ def _main(argv):
   from numina_jax.distributed import DistributedStartError
   from numina_jax.trainer import NonFiniteLossError, train
   cfg = _CONFIG.value
+  path = config_spec(_ARGV).partition(":")[0]
+  overrides = config_overrides(_ARGV)
+
+  def next_config(stage: str):
+    """The next stage of a chain: the same file's get_config(stage), with the same command-line overrides."""
+    return load_config([f"--config={path}:{stage}", *overrides])
+
   try:
-    result = train(cfg)
+    result = train(cfg, next_config=next_config)
   except (NonFiniteLossError, DistributedStartError, ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
   _print_summary(result)
@@ -86,7 +74,7 @@ def _quiet_logs() -> None:
 
 
 def _print_summary(result: dict) -> None:
-  stages = [result[k] for k in ("stage1", "stage2") if k in result] or [result]
+  stages = [v for k, v in result.items() if k.startswith("stage") and isinstance(v, dict)] or [result]
   for r in stages:
     line = f"[{r.get('workdir')}] steps {r.get('start_step')} -> {r.get('final_step')} of {r.get('total_steps')}"
     if r.get("final_loss") is not None:
@@ -102,13 +90,14 @@ def _print_summary(result: dict) -> None:
 
 
 def main(argv=None):
-  global _CONFIG
+  global _CONFIG, _ARGV
   argv = list(sys.argv if argv is None else argv)
+  _ARGV = argv[1:]
   precheck(argv[1:])
   if _CONFIG is None:
     _CONFIG = config_flags.DEFINE_config_file(
         "config", DEFAULT_CONFIG, "Training config file (python, get_config()); `path:arg` passes arg.",
-        lock_config=True)
+        lock_config=True, sys_argv=argv)
   app.run(_main, argv=argv)
 
 

@@ -14,11 +14,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import math
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -31,15 +30,15 @@ from numina_jax import checkpoint as ckpt
 from numina_jax import config as config_lib
 from numina_jax import distributed
 from numina_jax import storage
+from numina_jax.data.packing import BATCH_KEYS
 from numina_jax.metrics import MetricWriter, flops_per_token, peak_flops_per_device, plot_metrics
-from numina_jax.model.config import GptOssConfig
-from numina_jax.model.params import init_value, param_specs
+from numina_jax.model.params import init_params, param_specs
 from numina_jax.model.transformer import as_dtype
 from numina_jax.optim import make_optimizer
 from numina_jax.progress import Progress
-from numina_jax.sharding import make_mesh, param_shardings
-from numina_jax.step import (BATCH_KEYS, StepConfig, batch_shardings, host_flags_sharding, jit_eval_step,
-                             jit_train_step)
+from numina_jax.sharding import make_mesh, opt_state_shardings, param_shardings
+from numina_jax.step import (CHECKPOINT_DUE, NUM_FLAGS, STOP, StepConfig, batch_shardings, host_flags_sharding,
+                             jit_eval_step, jit_train_step)
 
 log = logging.getLogger("numina_jax")
 
@@ -47,9 +46,6 @@ log = logging.getLogger("numina_jax")
 # when a time-based checkpoint is due), and the loss of this 1-based step becomes NaN.
 CLOCK_RATE_ENV = "NUMINA_JAX_TEST_CLOCK_RATE"
 NAN_AT_STEP_ENV = "NUMINA_JAX_TEST_NAN_AT_STEP"
-
-STOP, CHECKPOINT_DUE = 0, 1  # columns of the host flags
-NUM_FLAGS = 2
 
 
 class NonFiniteLossError(RuntimeError):
@@ -120,47 +116,6 @@ class Agreed:
 
 
 # Model ---------------------------------------------------------------------------------------------
-def model_config_for(cfg, tokenizer) -> GptOssConfig:
-  """The architecture: from the starting checkpoint, a config.json, or the tiny preset."""
-  m = cfg.model
-  if m.hf_path:
-    from numina_jax.hf.load import resolve_checkpoint
-    return GptOssConfig.from_pretrained(resolve_checkpoint(m.hf_path))
-  if m.init_checkpoint:
-    return ckpt.load_model_config(m.init_checkpoint)
-  if m.config_path:
-    return GptOssConfig.from_pretrained(m.config_path)
-  vocab = m.vocab_size or int(math.ceil(len(tokenizer) / 64) * 64)
-  if vocab < len(tokenizer):
-    raise ValueError(f"config.model.vocab_size={vocab} is smaller than the tokenizer ({len(tokenizer)} tokens)")
-  pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-  eos = tokenizer.convert_tokens_to_ids("<|return|>")
-  return GptOssConfig(
-      vocab_size=vocab, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
-      num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
-      num_key_value_heads=m.num_key_value_heads, head_dim=m.head_dim, num_local_experts=m.num_local_experts,
-      num_experts_per_tok=m.num_experts_per_tok, sliding_window=m.sliding_window,
-      rope_original_max_position_embeddings=max(cfg.seq_len, 64),
-      pad_token_id=pad, eos_token_id=eos)
-
-
-def init_params(model_cfg: GptOssConfig, shardings, seed: int, param_dtype) -> dict[str, jax.Array]:
-  """Random init, created directly in its shardings (never whole on one device)."""
-  specs = param_specs(model_cfg)
-
-  def make():
-    key = jax.random.key(seed)
-    out = {}
-    for i, (name, spec) in enumerate(sorted(specs.items())):
-      out[name] = init_value(spec, jax.random.fold_in(key, i), param_dtype, model_cfg.initializer_range)
-    pad = model_cfg.pad_token_id
-    if pad is not None and 0 <= pad < model_cfg.vocab_size:
-      out["embed"] = out["embed"].at[pad].set(0)
-    return out
-
-  return jax.jit(make, out_shardings=shardings)()
-
-
 def load_start_params(cfg, model_cfg, shardings, mesh) -> dict[str, jax.Array]:
   m = cfg.model
   dtype = as_dtype(m.param_dtype)
@@ -176,66 +131,40 @@ def load_start_params(cfg, model_cfg, shardings, mesh) -> dict[str, jax.Array]:
     log.info("starting from checkpoint %s (step %s)", m.init_checkpoint, step)
     params, _ = ckpt.load_params(m.init_checkpoint, step=step, shardings=shardings, dtype=dtype)
     return params
-  return init_params(model_cfg, shardings, cfg.seed, dtype)
-
-
-def opt_state_shardings(tx, params_abstract, p_shardings, mesh):
-  """Optimizer moments follow their parameter's sharding; everything else is replicated."""
-  abstract = jax.eval_shape(tx.init, params_abstract)
-  rep = NamedSharding(mesh, P())
-
-  def pick(path, leaf):
-    for entry in reversed(path):
-      key = getattr(entry, "key", None)
-      if isinstance(key, str) and key in p_shardings and tuple(leaf.shape) == tuple(params_abstract[key].shape):
-        return p_shardings[key]
-    return rep
-
-  return jax.tree_util.tree_map_with_path(pick, abstract)
+  return init_params(model_cfg, jax.random.key(cfg.seed), dtype, shardings)
 
 
 # Stages ----------------------------------------------------------------------------------------------
-def stage2_config(cfg, stage1_workdir: str) -> ml_collections.ConfigDict:
-  """Stage 2 (TIR) from stage 1's best checkpoint, on stage 2's own sources (never stage 1's mixture)."""
-  c = copy.deepcopy(cfg)
-  with c.unlocked():
-    c.stage = "tir"
-    c.data = config_lib.stage2_data_config(cfg)
-    c.seq_len = cfg.stage2.seq_len
-    c.num_epochs = cfg.stage2.num_epochs
-    c.max_steps = cfg.stage2.max_steps
-    c.warmup_ratio = cfg.stage2.warmup_ratio
-    c.lr = cfg.stage2.lr
-    c.model.hf_path = ""
-    c.model.init_checkpoint = storage.join(stage1_workdir, "checkpoints")
-    c.model.init_step = -1
-    c.workdir = storage.join(cfg.workdir, "stage2_tir")
-    c.stage2.enabled = False
-  return c
-
-
-def train(cfg: ml_collections.ConfigDict, *, stop_at_step: int | None = None) -> dict[str, Any]:
-  """Runs the configured stage (or both stages of the recipe); restarting the same command resumes."""
+def train(cfg: ml_collections.ConfigDict, *, next_config: Callable[[str], ml_collections.ConfigDict] | None = None,
+          stop_at_step: int | None = None) -> dict[str, Any]:
+  """Trains the configured stage, then, while a stage names a `next_stage`, that stage (`next_config(name)`: the
+  same config file's `get_config(name)`) from the previous one's best checkpoint. A chain writes stage k to
+  `<workdir>/stage<k>_<stage>`. Restarting the same command resumes: finished stages stop at once."""
   config_lib.validate(cfg)  # touches no JAX backend: with multihost, initialize() must be the first JAX call
   if cfg.multihost:
     distributed.initialize(cfg.distributed)
-  if not cfg.stage2.enabled:
+  if not cfg.next_stage:
     return Trainer(cfg, stop_at_step=stop_at_step).run()
-  c1 = copy.deepcopy(cfg)
-  with c1.unlocked():
-    c1.workdir = storage.join(cfg.workdir, "stage1_cot")
-    c1.stage2.enabled = False
-    c1.export_hf = False
-  r1 = Trainer(c1, stop_at_step=stop_at_step).run()
-  if r1.get("preempted"):
-    return {"stage1": r1, "preempted": True}
-  r2 = Trainer(stage2_config(cfg, c1.workdir)).run()
-  return {"stage1": r1, "stage2": r2, "preempted": r2.get("preempted", False)}
-
-
-def train_stage(cfg: ml_collections.ConfigDict, *, stop_at_step: int | None = None) -> dict[str, Any]:
-  """One stage. `stop_at_step` behaves as if SIGTERM arrived: every host saves that step and stops."""
-  return Trainer(cfg, stop_at_step=stop_at_step).run()
+  if next_config is None:
+    raise ValueError(f"config.next_stage={cfg.next_stage!r} needs the config file's get_config({cfg.next_stage!r}): "
+                     f"run it with python -m numina_jax.train --config FILE, or pass next_config")
+  c = copy.deepcopy(cfg)
+  with c.unlocked():
+    c.workdir = storage.join(cfg.workdir, f"stage1_{cfg.stage}")
+    c.export_hf = False
+  results = {"stage1": Trainer(c, stop_at_step=stop_at_step).run()}
+  prev, index, seen = c, 1, [cfg.stage]
+  while prev.next_stage and not results[f"stage{index}"].get("preempted"):
+    if prev.next_stage in seen:
+      raise ValueError(f"config.next_stage: the chain {' -> '.join(seen + [prev.next_stage])} comes back to a stage")
+    seen.append(prev.next_stage)
+    index += 1
+    nxt = config_lib.next_stage_config(prev, next_config(prev.next_stage), root=cfg.workdir, index=index,
+                                       previous_workdir=prev.workdir)
+    results[f"stage{index}"] = Trainer(nxt).run()
+    prev = nxt
+  results["preempted"] = results[f"stage{index}"].get("preempted", False)
+  return results
 
 
 class Trainer:
@@ -266,7 +195,7 @@ class Trainer:
                        f"({jax.process_count()})")
 
     self.tokenizer = data_lib.load_tokenizer(cfg.data.tokenizer)
-    self.model_cfg = model_config_for(cfg, self.tokenizer)
+    self.model_cfg = config_lib.model_config_for(cfg, self.tokenizer)
     self.specs = param_specs(self.model_cfg)
     self.p_shard = param_shardings(self.specs, self.mesh)
     pipe_kwargs = dict(seq_len=cfg.seq_len, global_batch_size=cfg.global_batch_size, seed=cfg.seed,

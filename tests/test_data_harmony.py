@@ -9,6 +9,7 @@ import pytest
 
 from numina_jax.data import DEMO_VOCAB_SIZE, default_data_config, demo_tokenizer, format_example
 from numina_jax.data import harmony
+from numina_jax.data.boxed import last_boxed
 
 SHARED = Path(os.environ.get("NUMINA_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 TOKENIZER_DIR = SHARED / "hf" / "gpt-oss-20b"
@@ -169,7 +170,7 @@ def test_real_tir_row(tok, enc, oh):
 
 def test_real_numina15_row_without_boxed_goes_to_final(tok, enc, oh):
   (row,) = _rows("1.5")
-  assert row["answer"] == "proof" and harmony.last_boxed(row["solution"]) is None
+  assert row["answer"] == "proof" and last_boxed(row["solution"]) is None
   expected = [_system(oh), _user(oh, row["problem"].strip()), _asst(oh, row["solution"].strip(), "final")]
   _check(row, expected, tok, enc, oh)
 
@@ -330,5 +331,5 @@ def test_split_solution_rules():
   segs = harmony.split_solution("  intro \n```python\na = 1\n\nprint(a)\n```\n```output\n1\n```\n\n  end  ")
   assert segs == [("prose", "intro"), ("code", "a = 1\n\nprint(a)"), ("output", "1"), ("prose", "end")]
   assert harmony.split_solution("```python\n```\n```output\n```") == [("code", ""), ("output", "")]
-  assert harmony.last_boxed("\\boxed{a} and \\boxed{\\frac{1}{2}} then \\boxed{x") == "\\boxed{\\frac{1}{2}}"
-  assert harmony.last_boxed("no answer") is None
+  assert last_boxed("\\boxed{a} and \\boxed{\\frac{1}{2}} then \\boxed{x") == "\\boxed{\\frac{1}{2}}"
+  assert last_boxed("no answer") is None

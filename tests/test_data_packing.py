@@ -47,8 +47,7 @@ def test_assemble_exact_arrays():
   np.testing.assert_array_equal(batch["loss_mask"], [[0, 1, 1, 0, 1, 1, 0, 0], [1, 0, 0, 0, 0, 0, 0, 0], [0] * 8])
   assert batch["loss_mask"].dtype == np.float32
   assert all(batch[k].dtype == np.int32 for k in ("input_ids", "segment_ids", "positions", "targets"))
-  eff = packing.efficiency(batch)
-  assert eff == {"nonpad_fraction": 9 / 24, "loss_fraction": 5 / 24}
+  assert packing.batch_counts(batch) == {"positions": 24, "tokens": 9, "loss_tokens": 5, "padding_blocks": 1}
   with pytest.raises(ValueError, match="overflow"):
     packing.assemble([[a, b, c]], seq_len=8)
 

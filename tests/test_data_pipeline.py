@@ -120,7 +120,7 @@ def test_prefetch_thread_ends_with_its_iterator(tok, cache):
 
 
 def test_epochs_cover_every_train_doc_once(tok, cache):
-  it = make_pipeline(_cfg(cache, num_epochs=2, pack_window=300), tok, seq_len=SEQ, global_batch_size=8, seed=0)
+  it = make_pipeline(_cfg(cache, stream_epochs=2, pack_window=300), tok, seq_len=SEQ, global_batch_size=8, seed=0)
   per_epoch = it.epoch_size
   steps = it.steps_per_epoch
   seen = []
@@ -152,7 +152,7 @@ def test_eval_split_is_fixed_disjoint_and_finite(tok, cache):
   assert len(batches) == len(ev) > 0 and _equal(batches, list(ev)) and _equal(batches, list(ev2))
   eval_docs = {batch["input_ids"][r, a:b].tobytes() for batch in batches for r, a, b in _segments(batch)}
   assert len(eval_docs) == ev.stats["docs"] == 30
-  train = make_pipeline(_cfg(cache, eval_size=30.0, num_epochs=1), tok, seq_len=SEQ, global_batch_size=8, seed=0)
+  train = make_pipeline(_cfg(cache, eval_size=30.0, stream_epochs=1), tok, seq_len=SEQ, global_batch_size=8, seed=0)
   train_docs = {batch["input_ids"][r, a:b].tobytes() for batch in train for r, a, b in _segments(batch)}
   assert len(train_docs) == 970 and not train_docs & eval_docs
   assert batches[-1]["segment_ids"].shape == (4, SEQ)
@@ -171,7 +171,7 @@ def test_tokenized_once_then_cached(tok, tmp_path, monkeypatch):
   def fail(*a, **k):
     raise AssertionError("re-tokenized")
 
-  monkeypatch.setattr(harmony, "row_conversation", fail)
+  monkeypatch.setattr(tokenized, "row_conversation", fail)
   again = next(make_pipeline(cfg, tok, seq_len=SEQ, global_batch_size=2, seed=0))
   assert _equal([first], [again])
   # A different rendering option is a different cache entry.
@@ -181,7 +181,7 @@ def test_tokenized_once_then_cached(tok, tmp_path, monkeypatch):
 
 
 def test_overlong_documents_skipped_and_counted_or_fatal(tok, cache):
-  ts = tokenized.tokenize_source(SourceSpec("sample:cot"), open_source(SourceSpec("sample:cot")), tok, _cfg(cache))
+  ts, = tokenized.tokenize_shards(SourceSpec("sample:cot"), open_source(SourceSpec("sample:cot")), tok, _cfg(cache))
   seq = int(np.percentile(ts.lengths, 80))
   it = make_pipeline(_cfg(cache, eval_size=0.0), tok, seq_len=seq, global_batch_size=2, seed=0)
   n_over = int((ts.lengths > seq).sum())
@@ -202,6 +202,19 @@ def test_validate_data_config():
     bad[field] = value
     with pytest.raises(ValueError, match=message):
       validate_data_config(bad)
+
+
+def test_missing_or_misspelled_data_field_is_named(tok, cache):
+  """A hand-built data config never falls back to a default silently: what it lacks or misspells is named."""
+  typo = _cfg(cache).to_dict()
+  typo["layuot"] = typo.pop("layout")
+  with pytest.raises(ValueError, match=r"config\.data\.layuot: not a data config field"):
+    make_pipeline(typo, tok, seq_len=SEQ, global_batch_size=2, seed=0)
+  del typo["layuot"]
+  with pytest.raises(ValueError, match=r"config\.data\.layout: missing from the data config"):
+    validate_data_config(typo)
+  with pytest.raises(ValueError, match=r"config\.data\.layout: missing from the data config"):
+    format_example({"problem": "1 + 1?", "solution": "$\\boxed{2}$"}, tok, typo)
 
 
 def test_mixture_weights(tok, cache):

@@ -6,6 +6,7 @@ import pytest
 
 from numina_jax.data import DEMO_VOCAB_SIZE, harmony, make_sample
 from numina_jax.data import tokenizer as tokenizer_lib
+from numina_jax.data.boxed import last_boxed
 from numina_jax.data.sources import SAMPLES
 
 
@@ -71,7 +72,7 @@ def _check_answer(problem: str, answer: str) -> None:
 
 def test_answers_are_right(cot, tir):
   for r in cot + tir:
-    boxed = harmony.last_boxed(r["solution"])
+    boxed = last_boxed(r["solution"])
     assert boxed is not None and boxed in r["solution"].splitlines()[-1]
     _check_answer(r["problem"], boxed[len("\\boxed{"):-1])
 

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from numina_jax.data import harmony
+from numina_jax.data.harmony import numina
 from numina_jax.eval import grading
 from numina_jax.eval.grading import (Grader, ProblemTraces, Trace, bootstrap_interval, extract_answer, last_boxed,
                                      maj_score, majority_vote, normalize_integer, pass_at_k, sample_sizes,
@@ -34,7 +34,7 @@ def test_extract_answer(text, want):
 
 
 def test_harmony_uses_the_same_box_rule():
-  assert harmony.last_boxed is last_boxed
+  assert numina.last_boxed is last_boxed
   assert last_boxed("x \\fbox{1} y \\boxed {\\frac{1}{2}} z") == "\\boxed {\\frac{1}{2}}"
 
 

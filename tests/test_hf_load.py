@@ -14,7 +14,8 @@ torch = pytest.importorskip("torch")
 
 from hf_fixtures import TINY_MXFP4, hf_logits, tiny_hf_model, token_ids, write_mxfp4_checkpoint  # noqa: E402
 from numina_jax.hf import keymap  # noqa: E402
-from numina_jax.hf.load import SafetensorsCheckpoint, load_pretrained, load_pretrained_params, read_window  # noqa: E402
+from numina_jax.hf.load import (SafetensorsCheckpoint, _writer, load_pretrained, load_pretrained_params,  # noqa: E402
+                                read_window)
 from numina_jax.model.config import GptOssConfig  # noqa: E402
 from numina_jax.model.params import param_specs  # noqa: E402
 from numina_jax.sharding import make_mesh, param_shardings  # noqa: E402
@@ -141,6 +142,106 @@ def test_mesh_load_shardings_and_logits(quantized):
   for name, arr in params.items():
     np.testing.assert_array_equal(np.asarray(arr), np.asarray(single[name]), err_msg=name)
   np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), ref_logits, atol=1e-4, rtol=0)
+
+
+def _mapped_files():
+  with open("/proc/self/maps") as f:
+    return {line.split()[-1] for line in f if line.rstrip().endswith(".safetensors")}
+
+
+@pytest.mark.parametrize("on_host", [True, False], ids=["host_fill", "device_writes"])
+def test_pieces_exact_and_nothing_stays_mapped(quantized, on_host, monkeypatch):
+  """Shards larger than `chunk_bytes` are read in pieces, filled into a host buffer the CPU device adopts, or (as
+  on TPU) written into device buffers in place: either way the values are transformers' (one device, fp32) and
+  the one-piece load's (a mesh, bf16), and no checkpoint file is left mapped into the process afterwards."""
+  from numina_jax.hf import load
+
+  monkeypatch.setattr(load, "_fills_on_host", lambda devices: on_host)
+  path, ref, _, _ = quantized
+  cfg = GptOssConfig.from_pretrained(path)
+  want = _ours_from_hf_state(ref, cfg)
+  whole, _ = load_pretrained_params(path, "bfloat16", make_mesh({"fsdp": 2, "tensor": 2, "expert": 2}),
+                                    progress=False)
+  # 32 KiB: the embedding and lm_head (300 x 64) go in 128-row pieces with a ragged tail, the experts one expert
+  # at a time, q_w a layer at a time; norms and biases stay whole.
+  _writer.cache_clear()
+  params, _ = load_pretrained_params(path, progress=False, chunk_bytes=32 << 10)
+  for name, w in want.items():
+    assert params[name].sharding == jax.sharding.SingleDeviceSharding(jax.devices()[0]), name
+    np.testing.assert_array_equal(np.asarray(params[name]), w, err_msg=name)
+  pieces, _ = load_pretrained_params(path, "bfloat16", make_mesh({"fsdp": 2, "tensor": 2, "expert": 2}),
+                                     progress=False, chunk_bytes=32 << 10)
+  assert (_writer.cache_info().misses > 0) == (not on_host)  # the in-place device writes ran, or did not
+  for name, arr in whole.items():
+    assert pieces[name].sharding == arr.sharding, name
+    np.testing.assert_array_equal(np.asarray(pieces[name]), np.asarray(arr), err_msg=name)
+  assert not {f for f in _mapped_files() if f.startswith(path)}
+
+
+# One of two hosts with 4 CPU devices each: loads into the 8-device mesh in small pieces and saves the shards it
+# holds, keyed by parameter and global index.
+HOST = """
+import pickle
+import sys
+import jax
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+import numpy as np
+from numina_jax.hf import load
+from numina_jax.hf.load import load_pretrained_params
+from numina_jax.sharding import make_mesh
+load._fills_on_host = lambda devices: False  # as on TPU: pieces written in place through the global mesh
+params, _ = load_pretrained_params(sys.argv[3], "bfloat16", make_mesh({"fsdp": 2, "tensor": 2, "expert": 2}),
+                                   progress=False, chunk_bytes=16 << 10)
+shards = [(name, [(i.start, i.stop) for i in s.index], s.device.id, np.asarray(s.data))
+          for name, arr in params.items() for s in arr.addressable_shards]
+with open(sys.argv[4], "wb") as f:
+  pickle.dump(shards, f)
+"""
+
+
+@pytest.mark.slow
+def test_two_hosts_load_their_shards_in_pieces(quantized, tmp_path):
+  """Two processes on 127.0.0.1 form one 8-device job; each reads only its own shards, large ones in pieces
+  written in place through the global mesh, and together they hold transformers' values (in bf16) on every
+  device exactly once."""
+  import pickle
+  import socket
+  import subprocess
+  import sys
+
+  path, ref, _, _ = quantized
+  want = _ours_from_hf_state(ref, GptOssConfig.from_pretrained(path))
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             PYTHONPATH=f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+  hosts = [subprocess.Popen([sys.executable, "-c", HOST, f"127.0.0.1:{port}", str(i), path,
+                             str(tmp_path / f"host{i}.pkl")], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in (0, 1)]
+  try:
+    outs = [h.communicate(timeout=300) for h in hosts]
+  finally:
+    for h in hosts:
+      if h.poll() is None:
+        h.kill()
+  assert all(h.returncode == 0 for h in hosts), [err[-3000:] for _, err in outs]
+  covered = {name: np.zeros(w.shape, np.int32) for name, w in want.items()}
+  devices = set()
+  for i in (0, 1):
+    with open(tmp_path / f"host{i}.pkl", "rb") as f:
+      shards = pickle.load(f)
+    assert len(shards) == 4 * len(want)  # every parameter on each of the 4 local devices
+    for name, spans, device, data in shards:
+      index = tuple(slice(a, b) for a, b in spans)
+      assert data.dtype == jnp.bfloat16, name  # exact: the checkpoint is bf16 and MXFP4, both exact in bf16
+      np.testing.assert_array_equal(data, want[name][index].astype(jnp.bfloat16), err_msg=f"host {i}: {name}{spans}")
+      covered[name][index] += 1
+      devices.add(device)
+  assert len(devices) == 8
+  for name, count in covered.items():  # each element on every device of its replica group, none missed
+    assert count.min() == count.max() > 0, name
 
 
 def test_hub_ids_go_through_snapshot_download(dense, monkeypatch):

@@ -65,6 +65,21 @@ def test_matches_transformers_dequantizer():
     np.testing.assert_array_equal(ours, ref)
 
 
+def test_every_scale_and_byte_matches_transformers():
+  """The decoder's (scale, byte) table against transformers for all 256 x 256 pairs in fp32: subnormal results at
+  the lowest scales, and inf where 6 * 2**128 overflows at scale 255."""
+  torch = pytest.importorskip("torch")
+  from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+  blocks = np.broadcast_to(np.arange(256, dtype=np.uint8).reshape(16, 16), (256, 16, 16))[None].copy()
+  scales = np.broadcast_to(np.arange(256, dtype=np.uint8)[:, None], (256, 16))[None].copy()
+  ours = mxfp4.dequantize(blocks, scales)
+  ref = convert_moe_packed_tensors(torch.from_numpy(blocks), torch.from_numpy(scales), dtype=torch.float32)
+  ref = ref.numpy().transpose(0, 2, 1)
+  assert np.isinf(ours[0, 255]).any() and (0 < np.abs(ours[0, 0][ours[0, 0] != 0])).all()
+  np.testing.assert_array_equal(ours, ref)
+
+
 def test_windows_read_only_their_part(tmp_path):
   from safetensors import safe_open
   from safetensors.numpy import save_file

@@ -13,7 +13,7 @@ import transformers
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from helpers import require_shared
-from numina_jax.model import GptOssConfig, abstract_model, count_parameters, forward, tiny_config
+from numina_jax.model import GptOssConfig, abstract_model, count_params, forward, tiny_config
 from numina_jax.model.config import yarn_inv_freq
 
 
@@ -38,7 +38,8 @@ def test_real_configs_build_abstractly(size, billions, exact):
   model = abstract_model(cfg)
   leaves = jax.tree.leaves(model)
   assert leaves and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)  # nothing was allocated
-  n = count_parameters(model)
+  n = count_params(cfg)
+  assert n == sum(int(np.prod(x.shape)) for x in leaves)
   assert n == _hand_count(raw) == exact
   assert round(n / 1e9, 2) == billions
   # The fields the spec lists, as read.

@@ -28,23 +28,14 @@ RTOL = 1e-5
 
 
 def cli_args(workdir, cache_dir, **overrides):
-  values = {**JOB, **overrides, "workdir": workdir, "data.cache_dir": cache_dir, "stage2.enabled": False}
+  values = {**JOB, **overrides, "workdir": workdir, "data.cache_dir": cache_dir, "next_stage": ""}
   return [f"--config.{k}={v}" for k, v in values.items()]
 
 
 def job_config(workdir, cache_dir, **overrides):
   """The config the CLI builds from `cli_args` (configs/default.py and the same overrides), for in-process runs."""
-  from numina_jax.train import DEFAULT_CONFIG, load_config_file
-  cfg = load_config_file(DEFAULT_CONFIG)
-  values = {**JOB, **overrides, "workdir": str(workdir), "data.cache_dir": str(cache_dir), "stage2.enabled": False}
-  for k, v in values.items():
-    *parents, leaf = k.split(".")
-    node = cfg
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
-  cfg.lock()
-  return cfg
+  from numina_jax.config import DEFAULT_CONFIG, load_config
+  return load_config([f"--config={DEFAULT_CONFIG}", *cli_args(str(workdir), str(cache_dir), **overrides)])
 
 
 def saves(output: str) -> list[tuple[int, str]]:

@@ -12,7 +12,7 @@ import json  # noqa: E402
 from numina_jax.config import base_config  # noqa: E402
 from numina_jax.metrics import CHIPS, flops_per_token, mean_keys  # noqa: E402
 from numina_jax.model import count_params, tiny_config  # noqa: E402
-from numina_jax.plan import _apply_overrides, candidate_overrides, make_plan, main, roofline, sweep_table  # noqa: E402
+from numina_jax.plan import candidate_overrides, make_plan, main, roofline, sweep_table  # noqa: E402
 from test_hlo import tpu_devices  # noqa: E402
 
 
@@ -123,13 +123,6 @@ def test_sweep_table_and_candidates():
   lines = table.splitlines()
   assert len(lines) == 4 and lines[2].startswith("| `mesh.fsdp=32` | 1 x 32 x 1 x 2 | full | yes | 50.0 (50%) | 1.50 | 1.50 | 300 (100) | 1.0 |")
   assert "2.0 | 2.000 (1.000, 0.500, 2.000) | 25.0% | 12 |" in lines[2] and "error: bad mesh" in lines[3]
-
-
-def test_overrides_take_the_field_type():
-  cfg = base_config()
-  _apply_overrides(cfg, ["--config.lr=3e-5", "--config.mesh.fsdp=4", "--config.export_hf=true",
-                         "--config.data.dataset_name=x"])
-  assert cfg.lr == 3e-5 and cfg.mesh.fsdp == 4 and cfg.export_hf is True and cfg.data.dataset_name == "x"
 
 
 def test_cli_errors_name_the_problem(capsys):

@@ -15,7 +15,8 @@ from numina_jax.model.params import param_specs  # noqa: E402
 from numina_jax.optim import decay_mask, learning_rate_schedule, make_optimizer  # noqa: E402
 from numina_jax.sharding import make_mesh, param_shardings  # noqa: E402
 from numina_jax.step import StepConfig, batch_shardings, jit_train_step, train_step  # noqa: E402
-from numina_jax.trainer import init_params, opt_state_shardings  # noqa: E402
+from numina_jax.model.params import init_params  # noqa: E402
+from numina_jax.sharding import opt_state_shardings  # noqa: E402
 
 CFG = tiny_config(vocab_size=96, hidden_size=32, intermediate_size=24, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
@@ -52,7 +53,7 @@ def make_batch(rows=8, T=16, seed=0, packed=True):
 
 def new_state(tx, seed=0, mesh=None):
   mesh = mesh or make_mesh({"fsdp": 1}, jax.devices()[:1])
-  params = init_params(CFG, param_shardings(param_specs(CFG), mesh), seed, jnp.float32)
+  params = init_params(CFG, jax.random.key(seed), jnp.float32, param_shardings(param_specs(CFG), mesh))
   return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
 
@@ -173,7 +174,7 @@ def test_sharded_step_equals_one_device(mesh_shape):
   rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   state_shard = {"step": rep, "params": p_shard, "opt_state": o_shard}
   with jax.set_mesh(mesh):
-    params = init_params(CFG, p_shard, 0, jnp.float32)
+    params = init_params(CFG, jax.random.key(0), jnp.float32, p_shard)
     state = {"step": jax.device_put(jnp.zeros((), jnp.int32), rep), "params": params,
              "opt_state": jax.jit(tx.init, out_shardings=o_shard)(params)}
     assert any(len(p.sharding.device_set) > 1 and p.sharding.spec != jax.sharding.PartitionSpec()
@@ -214,3 +215,14 @@ def test_remat_and_loss_chunking_do_not_change_the_step():
   b, mb = run(new_state(tx), batch, tx, sched, remat_policy="full", loss_chunk=4)
   np.testing.assert_allclose(ma[0]["loss"], mb[0]["loss"], rtol=1e-6)
   close_trees(a["params"], b["params"], atol=1e-4)  # Adam near-zero gradients, as above
+
+
+def test_a_loss_chunk_that_does_not_divide_the_sequence_is_an_error():
+  from numina_jax.loss import lm_head_ce
+  h, w = jnp.ones((1, 6, 4)), jnp.ones((4, 8))
+  t, m = jnp.zeros((1, 6), jnp.int32), jnp.ones((1, 6))
+  with pytest.raises(ValueError, match="loss_chunk 4 does not divide the sequence length 6"):
+    lm_head_ce(h, w, t, m, chunk=4, dtype=jnp.float32)
+  whole = lm_head_ce(h, w, t, m, chunk=0, dtype=jnp.float32)
+  np.testing.assert_allclose(lm_head_ce(h, w, t, m, chunk=3, dtype=jnp.float32), whole, rtol=1e-6)
+  np.testing.assert_allclose(whole[0], 6 * np.log(8), rtol=1e-6)  # uniform logits: log V per token

@@ -15,7 +15,7 @@ import pytest
 
 from numina_jax.checkpoint import latest_step, load_params
 from numina_jax.config import base_config, check_overrides, validate
-from numina_jax.trainer import NAN_AT_STEP_ENV, NonFiniteLossError, stage2_config, train
+from numina_jax.trainer import NAN_AT_STEP_ENV, NonFiniteLossError, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -104,7 +104,7 @@ def test_a_nonfinite_step_is_never_saved_or_is_skipped(tmp_path, monkeypatch):
 
 def _cli(workdir, *extra):
   return [sys.executable, "-m", "numina_jax.train", f"--config.workdir={workdir}",
-          "--config.stage2.enabled=False", "--config.export_hf=False", "--config.plot=False",
+          "--config.next_stage=", "--config.export_hf=False", "--config.plot=False",
           "--config.seq_len=256", "--config.global_batch_size=2", "--config.model.hidden_size=32",
           "--config.model.intermediate_size=24", "--config.model.head_dim=8", "--config.model.num_hidden_layers=2",
           "--config.log_every_steps=1", "--config.checkpoint_every_steps=0", "--config.eval_every_steps=0",
@@ -141,9 +141,8 @@ def test_sigterm_saves_a_checkpoint_the_next_run_resumes_from(tmp_path):
 
 @pytest.mark.parametrize("path", sorted(glob.glob(str(REPO / "configs" / "*.py"))))
 def test_every_shipped_config_loads_and_validates(path):
-  from numina_jax.train import load_config_file
-  stages = ["cot", "tir"] if "oss" in os.path.basename(path) else [None]
-  for stage in stages:
+  from numina_jax.config import load_config_file
+  for stage in (None, "cot", "tir"):
     cfg = load_config_file(path if stage is None else f"{path}:{stage}")
     cfg.lock()
     validate(cfg)
@@ -155,11 +154,29 @@ def test_bad_override_fails_with_a_clear_message():
   with pytest.raises(ValueError, match=r"unknown config field --config\.lrr; did you mean --config\.lr\?"):
     check_overrides(cfg, ["--config.lrr=3e-5"])
   check_overrides(cfg, ["--config.lr=3e-5", "--config.data.dataset_name=x"])
+  with pytest.raises(ValueError, match=r"--config\.model\.router_aux_loss_coef was renamed "
+                                       r"--config\.model\.load_balancing_loss_coef"):
+    check_overrides(cfg, ["--config.model.router_aux_loss_coef=0.1"])
   res = subprocess.run([sys.executable, "-m", "numina_jax.train", "--config.optim.wieght_decay=0.1"], cwd=REPO,
                        capture_output=True, text=True, timeout=120)
   assert res.returncode != 0
   assert "unknown config field --config.optim.wieght_decay; did you mean --config.optim.weight_decay?" in res.stderr
   assert "Traceback" not in res.stderr
+
+
+def test_every_cli_loads_a_config_the_same_way():
+  from numina_jax.config import load_config
+  path = str(REPO / "configs" / "oss20b_gpu.py")
+  cfg = load_config([f"--config={path}:tir", "--config.lr=3e-5", "--config.mesh.fsdp=4", "--config.export_hf=true",
+                     "--config.data.dataset_name=x"])
+  assert cfg.stage == "tir" and cfg.lr == 3e-5 and cfg.mesh.fsdp == 4 and cfg.export_hf is True
+  assert cfg.data.dataset_name == "x" and isinstance(cfg.mesh.fsdp, int)
+  with pytest.raises(ValueError, match=r"unknown config field --config\.mesh\.fsdb; did you mean --config\.mesh\.fsdp\?"):
+    load_config(["--config.mesh.fsdb=4"])
+  with pytest.raises(ValueError, match="config.mesh.fsdp"):
+    load_config(["--config.mesh.fsdp=four"])
+  with pytest.raises(FileNotFoundError, match="no config file at nowhere.py"):
+    load_config(["--config", "nowhere.py"])
 
 
 @pytest.mark.parametrize("field,value,msg", [
@@ -171,6 +188,7 @@ def test_bad_override_fails_with_a_clear_message():
     ("microbatch_size", 5, "config.microbatch_size: 5 does not divide global_batch_size 32"),
     ("model.moe_kernel", "fast", "config.model.moe_kernel: 'fast' is not one of"),
     ("model.moe_capacity_factor", -1.0, "config.model.moe_capacity_factor: must be >= 0"),
+    ("model.loss_chunk", 384, "config.model.loss_chunk: 384 does not divide seq_len 2048"),
 ])
 def test_bad_values_are_named(field, value, msg):
   cfg = base_config()
@@ -183,31 +201,34 @@ def test_bad_values_are_named(field, value, msg):
     validate(cfg)
 
 
-def test_stage2_trains_on_its_own_sources_never_stage1s():
+def test_a_chained_stage_starts_from_the_previous_one_on_its_own_sources():
+  from numina_jax.config import DEFAULT_CONFIG, load_config_file, next_stage_config
   from numina_jax.data.sources import source_specs
 
   def names(data):
     return [(s.name, s.weight) for s in source_specs(data)]
 
-  cfg = base_config()
-  cfg.data.mixture = ("sample:cot=1",)
-  cfg.data.eval_dataset_name = "sample:cot"
-  cfg.stage2.enabled = True
-  cfg.stage2.dataset_name = "sample:tir"
-  validate(cfg)
-  c2 = stage2_config(cfg, "runs/x/stage1_cot")
-  assert names(c2.data) == [("sample:tir", 1.0)] and c2.data.eval_dataset_name == ""
-  assert c2.model.init_checkpoint == "runs/x/stage1_cot/checkpoints" and c2.workdir.endswith("stage2_tir")
-  cfg.stage2.mixture = ("sample:tir=2", "sample:cot=1")
-  validate(cfg)
-  assert names(stage2_config(cfg, "w").data) == [("sample:tir", 2.0), ("sample:cot", 1.0)]
-  cfg.stage2.mixture = ("sample:cot=3",)
-  with pytest.raises(ValueError, match=r"config.stage2.dataset_name: stage 2 would train on stage 1's data "
+  cot = load_config_file(DEFAULT_CONFIG)
+  assert (cot.stage, cot.next_stage) == ("cot", "tir")
+  with cot.unlocked():
+    cot.workdir = "runs/x/stage1_cot"
+  tir = load_config_file(f"{DEFAULT_CONFIG}:tir")
+  c2 = next_stage_config(cot, tir, root="runs/x", index=2, previous_workdir=cot.workdir)
+  assert names(c2.data) == [("sample:tir", 1.0)] and (c2.stage, c2.lr, c2.max_steps) == ("tir", 2e-3, 50)
+  assert c2.model.init_checkpoint == "runs/x/stage1_cot/checkpoints" and c2.workdir == "runs/x/stage2_tir"
+  assert c2.model.hf_path == "" and c2.model.init_step == -1
+  tir.data.mixture = ("sample:tir=2", "sample:cot=1")
+  c2 = next_stage_config(cot, tir, root="gs://b/r", index=2, previous_workdir="gs://b/r/stage1_cot")
+  assert names(c2.data) == [("sample:tir", 2.0), ("sample:cot", 1.0)]
+  assert (c2.workdir, c2.model.init_checkpoint) == ("gs://b/r/stage2_tir", "gs://b/r/stage1_cot/checkpoints")
+  tir.data.mixture = ("sample:cot=3",)
+  with pytest.raises(ValueError, match=r"config.next_stage: stage 'tir' would train on stage 'cot''s data "
                                        r"\['sample:cot'\]"):
-    validate(cfg)
-  cfg.stage2.mixture, cfg.stage2.dataset_name = (), ""
-  with pytest.raises(ValueError, match="set stage2.dataset_name or stage2.mixture when stage2.enabled"):
-    validate(cfg)
+    next_stage_config(cot, tir, root="w", index=2, previous_workdir="w/stage1_cot")
+  with pytest.raises(ValueError, match=r"config.next_stage='tir' needs the config file's get_config\('tir'\)"):
+    train(load_config_file(DEFAULT_CONFIG))
+  with pytest.raises(ValueError, match="the stage2 block is gone"):
+    check_overrides(cot, ["--config.stage2.enabled=True"])
 
 
 def test_progress_writes_a_plain_line_every_n_steps_or_30_s_whichever_is_rarer(caplog):

@@ -8,11 +8,12 @@
   # on many hosts: process_index=, process_count=, allgather=multihost_utils.process_allgather
 """
 
-from numina_jax.data.config import default_data_config, validate_data_config
+from numina_jax.data.config import default_data_config
 from numina_jax.data.errors import BadRowError
-from numina_jax.data.harmony import SPECIAL_TOKENS, format_example
+from numina_jax.data.harmony.conversation import SPECIAL_TOKENS
+from numina_jax.data.harmony.rows import format_example
 from numina_jax.data.packing import BATCH_KEYS
-from numina_jax.data.pipeline import EvalBatches, TrainIterator, make_pipeline
+from numina_jax.data.pipeline import EvalBatches, TrainIterator, make_pipeline, validate_data_config
 from numina_jax.data.tokenizer import DEMO_VOCAB_SIZE, demo_tokenizer, load_tokenizer, vocab_size
 
 __all__ = ["BATCH_KEYS", "BadRowError", "DEMO_VOCAB_SIZE", "EvalBatches", "SPECIAL_TOKENS", "TrainIterator",

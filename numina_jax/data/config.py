@@ -1,4 +1,4 @@
-"""The `data` section of a training config: every field of the data path, with its default."""
+"""The `data` section of a training config: every field of the data path, with its default, and reading one."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.dataset_name = "sample:cot"  # hub id (AI-MO/NuminaMath-CoT), local .jsonl/.json/.parquet file or dir, "tfds:NAME", "sample:cot"/"sample:tir"
   c.dataset_config = ""  # hub dataset config name; "" = the default config
   c.split = "train"  # split read from hub or tfds sources (a local file or directory is a single split)
-  c.mixture = ()  # weighted sources, dicts (name, weight, optional config/split/field overrides) or "NAME=WEIGHT"; () = dataset_name alone
+  c.mixture = ()  # weighted sources, dicts (name, weight (default 1), optional config/split/field overrides) or "NAME=WEIGHT"; () = dataset_name alone
   # How a row maps to a conversation.
   c.row_format = "auto"  # "numina" (question/answer fields), "messages" (OpenAI messages), "auto" (numina if the question field exists)
   c.question_field = "problem"  # field holding the problem, rendered as the user message
@@ -51,7 +51,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.overlong = "skip"  # a document longer than seq_len: "skip" (counted in stats) or "error"; never cut
   c.pack_window = 2048  # documents of one row slot packed together, best-fit-decreasing; larger packs tighter
   c.shuffle = True  # reshuffle each row slot's documents every epoch from make_pipeline's seed (no shuffle buffer)
-  c.num_epochs = 0  # passes over the train split; 0 = repeat forever (the trainer stops by steps)
+  c.stream_epochs = 0  # passes the train stream makes, then it ends; 0 = endless (the trainer counts its own epochs)
   c.prefetch = 2  # batches prepared ahead by grain's prefetch thread; 0 = none
   # Tokenization cache.
   c.cache_dir = ""  # tokenized-data cache, a folder per row slot's shard of a source, each host its own; "" = $NUMINA_JAX_CACHE or ~/.cache/numina_jax/tokenized
@@ -60,43 +60,19 @@ def default_data_config() -> ml_collections.ConfigDict:
   return c
 
 
-def validate_data_config(config) -> None:
-  """Raises ValueError naming the first bad data field; called at start-up, before anything is read."""
-  from numina_jax.data.harmony import RenderOptions
-  from numina_jax.data.sources import source_specs
-
-  def need(ok: bool, field: str, message: str):
-    if not ok:
-      raise ValueError(f"config.data.{field}: {message}")
-
-  RenderOptions.from_config(config)  # layout, reasoning_effort, python_tool, row_format
-  for field in ("question_field", "answer_field", "messages_field", "tools_field", "tool_calls_field",
-                "tool_name_field", "tool_input_field", "tool_output_field", "tokenizer"):
-    need(isinstance(get(config, field), str) and bool(get(config, field)), field, "must be a non-empty string")
-  need(get(config, "overlong") in ("skip", "error"), "overlong", f"{get(config, 'overlong')!r} is not skip or error")
-  need(get(config, "on_bad_row") in ("skip", "error"), "on_bad_row",
-       f"{get(config, 'on_bad_row')!r} is not skip or error")
-  need(get(config, "eval_size") >= 0, "eval_size", "must be >= 0 (a fraction < 1 or a row count)")
-  need(get(config, "pack_window") >= 1, "pack_window", "must be >= 1")
-  need(get(config, "num_epochs") >= 0, "num_epochs", "must be >= 0 (0 = repeat forever)")
-  need(get(config, "prefetch") >= 0, "prefetch", "must be >= 0")
-  need(get(config, "tokenize_batch_size") >= 1, "tokenize_batch_size", "must be >= 1")
-  need(bool(get(config, "mixture")) or bool(get(config, "dataset_name")), "dataset_name",
-       "set a dataset (or data.mixture)")
-  try:
-    source_specs(config)
-  except ValueError as e:
-    raise ValueError(f"config.data.mixture: {e}") from None
-
-
 def get(config, name: str):
-  """Reads one data field from a ConfigDict or dict, falling back to the default (so partial configs work)."""
-  if config is not None:
-    try:
-      return config[name]
-    except (KeyError, AttributeError):
-      pass
-  return _DEFAULTS[name]
+  """One field of a data config (a ConfigDict or dict; None stands for default_data_config()).
+
+  A field missing from a given config is an error naming it, not a silent default: a config built by hand with a
+  misspelled field would otherwise run with the default.
+  """
+  if config is None:
+    return _DEFAULTS[name]
+  try:
+    return config[name]
+  except (KeyError, AttributeError):
+    raise ValueError(f"config.data.{name}: missing from the data config; start from default_data_config(), which "
+                     f"defines every field") from None
 
 
 _DEFAULTS = default_data_config().to_dict()

@@ -28,3 +28,14 @@ class RowContext:
 
   def error(self, field: str | None, message: str, reason: str) -> BadRowError:
     return BadRowError(self.dataset, self.index, field, message, reason)
+
+  def string(self, obj: dict, key: str, field: str | None = None, required: bool = True) -> str | None:
+    """obj[key], which must be a string (None when absent and not `required`); errors name `field` (default key)."""
+    value = obj.get(key)
+    if value is None:
+      if required:
+        raise self.error(field or key, "missing", "missing_field")
+      return None
+    if not isinstance(value, str):
+      raise self.error(field or key, f"expected a string, got {type(value).__name__}", "not_a_string")
+    return value

@@ -18,8 +18,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
-from numina_jax.data import harmony
-from numina_jax.data.tokenizer import DEMO_TOKENIZER_FILE, SAMPLE_DIR, demo_tokenizer_json, train_demo_tokenizer
+from numina_jax.data.boxed import last_boxed
+from numina_jax.data.harmony.numina import split_solution
+from numina_jax.data.harmony.options import RenderOptions
+from numina_jax.data.harmony.rows import row_conversation
+from numina_jax.data.harmony.text import render_text
+from numina_jax.data.sources import SAMPLE_DIR
+from numina_jax.data.tokenizer import DEMO_TOKENIZER_FILE, demo_tokenizer_json, train_demo_tokenizer
 
 NUM_COT = 1000
 NUM_TIR = 600
@@ -269,7 +274,7 @@ def cot_rows(num: int = NUM_COT, seed: int = SEED_COT) -> list[dict]:
   rows = []
   for prob in generate(num, seed):
     solution = "\n".join(prob.cot)
-    assert harmony.last_boxed(solution) == f"\\boxed{{{prob.answer}}}"
+    assert last_boxed(solution) == f"\\boxed{{{prob.answer}}}"
     rows.append(_row(prob.problem, solution, f"sample_{prob.family}"))
   return rows
 
@@ -289,7 +294,7 @@ def tir_rows(num: int = NUM_TIR, seed: int = SEED_TIR, workers: int = 4) -> list
       parts.append(after)
     parts[-1] += f" So the answer is $\\boxed{{{prob.answer}}}$."
     solution = "\n".join(parts)
-    segments = harmony.split_solution(solution)
+    segments = split_solution(solution)
     assert [k for k, _ in segments if k != "prose"] == ["code", "output"] * len(prob.code)
     rows.append(_row(prob.problem, solution, None))
   return rows
@@ -308,8 +313,8 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def tokenizer_corpus(rows: list[dict]) -> list[str]:
   """Harmony renderings of the rows (the default data config), the text the demo tokenizer learns from."""
-  opts = harmony.RenderOptions()
-  return [harmony.render_text(harmony.row_conversation(row, opts).messages) for row in rows]
+  opts = RenderOptions()
+  return [render_text(row_conversation(row, opts).messages) for row in rows]
 
 
 def main(argv: list[str] | None = None) -> None:

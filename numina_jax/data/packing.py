@@ -76,11 +76,11 @@ def assemble(blocks: Sequence[Sequence[Doc]], seq_len: int, num_rows: int | None
           "loss_mask": loss_mask}
 
 
-def efficiency(batch: dict[str, np.ndarray]) -> dict[str, float]:
-  """Fractions of a batch's positions that hold a token, and that carry loss."""
-  total = batch["segment_ids"].size
-  return {"nonpad_fraction": float((batch["segment_ids"] > 0).sum()) / total,
-          "loss_fraction": float(batch["loss_mask"].sum()) / total}
+def batch_counts(batch: dict[str, np.ndarray]) -> dict[str, int]:
+  """A batch's positions, those holding a token, those carrying loss, and its rows that are all padding."""
+  segment_ids = batch["segment_ids"]
+  return {"positions": int(segment_ids.size), "tokens": int((segment_ids > 0).sum()),
+          "loss_tokens": int(batch["loss_mask"].sum()), "padding_blocks": int((segment_ids.max(axis=1) == 0).sum())}
 
 
 def pack_documents(docs: Iterable[Doc], seq_len: int, window: int = 2048, overlong: str = "skip",

@@ -15,7 +15,7 @@ for the mixture quotas, blocks per epoch, the end of a finite stream, eval batch
 on every host. Kept by hand: best-fit packing (packing.py) and the mixture (grain's mix draws element by element,
 not a quota per epoch). Held-out eval rows are drawn among a source's rows before filtering (data.eval_size counts
 rows read, not rows kept), so no host needs another's filter results. Costs: slot streams differ in length by a
-few blocks, so a finite stream (data.num_epochs > 0) ends with some padded rows; a document packs only with others
+few blocks, so a finite stream (data.stream_epochs > 0) ends with some padded rows; a document packs only with others
 of its shard; a new global_batch_size re-shards (re-tokenizes) and cannot resume a run exactly.
 """
 from __future__ import annotations
@@ -34,6 +34,7 @@ import numpy as np
 
 from numina_jax.data import config as data_config
 from numina_jax.data import packing
+from numina_jax.data.harmony.options import RenderOptions
 from numina_jax.data.sources import eval_source_spec, open_source, source_specs
 from numina_jax.data.tokenized import TokenizedSource, config_key, default_cache_dir, stable_int, tokenize_shards
 
@@ -217,8 +218,6 @@ class _Prepared:
 
 def _prepare(data_cfg, tokenizer, seq_len: int, num_slots: int, hosts: _Hosts) -> _Prepared:
   policy = data_config.get(data_cfg, "overlong")
-  if policy not in ("skip", "error"):
-    raise ValueError(f"data.overlong must be 'skip' or 'error', got {policy!r}")
   per_host = num_slots // hosts.count
   slots = range(hosts.index * per_host, (hosts.index + 1) * per_host)
   sources, infos = hosts.agree(lambda: _prepare_local(data_cfg, tokenizer, seq_len, num_slots, slots))
@@ -437,7 +436,7 @@ def _grain_dataset(rows: _Rows, rows_per_step: int):
 
 
 def _read_options(prefetch: int):
-  import grain
+  import grain  # heavy, as in _grain_dataset
   # One thread is plenty: assembling a batch is copies of memory-mapped tokens.
   return grain.ReadOptions(num_threads=1 if prefetch > 0 else 0, prefetch_buffer_size=prefetch)
 
@@ -446,22 +445,19 @@ class _Tally:
   """Running packing efficiency over the batches this host has handed out."""
 
   def __init__(self):
-    self.positions = self.tokens = self.loss_tokens = self.padding_blocks = 0
+    self.counts: collections.Counter = collections.Counter()
 
   def add(self, batch: dict[str, np.ndarray]) -> None:
-    self.positions += batch["segment_ids"].size
-    self.tokens += int((batch["segment_ids"] > 0).sum())
-    self.loss_tokens += int(batch["loss_mask"].sum())
-    self.padding_blocks += int((batch["segment_ids"].max(axis=1) == 0).sum())
+    self.counts.update(packing.batch_counts(batch))
 
   def as_dict(self) -> dict:
-    p = max(self.positions, 1)
-    return {"nonpad_fraction": self.tokens / p, "loss_fraction": self.loss_tokens / p,
-            "padding_blocks": self.padding_blocks}
+    p = max(self.counts["positions"], 1)
+    return {"nonpad_fraction": self.counts["tokens"] / p, "loss_fraction": self.counts["loss_tokens"] / p,
+            "padding_blocks": self.counts["padding_blocks"]}
 
 
 class TrainIterator:
-  """Endless (or data.num_epochs long) iterator of this host's train batches; resumable through get_state/set_state,
+  """Endless (or data.stream_epochs long) iterator of this host's train batches; resumable through get_state/set_state,
   on any host count. Each batch is a dict of [global_batch_size // process_count, seq_len] arrays (packing.py)."""
 
   def __init__(self, prepared: _Prepared, data_cfg, *, seq_len: int, global_batch_size: int, seed: int,
@@ -470,7 +466,7 @@ class TrainIterator:
     self.seq_len, self.global_batch_size, self.seed = seq_len, global_batch_size, seed
     self.window = int(data_config.get(data_cfg, "pack_window"))
     self.shuffle = bool(data_config.get(data_cfg, "shuffle"))
-    self.num_epochs = int(data_config.get(data_cfg, "num_epochs"))
+    self.num_epochs = int(data_config.get(data_cfg, "stream_epochs"))
     self.prefetch = int(data_config.get(data_cfg, "prefetch"))
     self._sources = [s for s in prepared.sources if s.role == "train"]  # first in the list
     weights = [s.weight for s in self._sources]
@@ -530,7 +526,7 @@ class TrainIterator:
 
   @property
   def epoch(self) -> int:
-    """The nominal epoch of the next batch: steps // steps_per_epoch (capped at data.num_epochs); each row slot
+    """The nominal epoch of the next batch: steps // steps_per_epoch (capped at data.stream_epochs); each row slot
     crosses its own epoch boundaries within a few steps of that."""
     e = self._step // self._steps_per_epoch if self._steps_per_epoch else 0
     return min(e, self.num_epochs) if self.num_epochs else e
@@ -634,6 +630,38 @@ class EvalBatches:
     return s
 
 
+def validate_data_config(data_cfg) -> None:
+  """Raises ValueError naming the first bad data field; run at start-up and by make_pipeline, before any read."""
+
+  def need(ok: bool, field: str, message: str):
+    if not ok:
+      raise ValueError(f"config.data.{field}: {message}")
+
+  def get(field: str):
+    return data_config.get(data_cfg, field)
+
+  unknown = sorted(set(data_cfg.keys()) - set(data_config.default_data_config().keys()))
+  if unknown:
+    raise ValueError(f"config.data.{unknown[0]}: not a data config field (misspelled?); the fields are those of "
+                     f"default_data_config()")
+  RenderOptions.from_config(data_cfg)  # layout, reasoning_effort, python_tool, row_format
+  for field in ("question_field", "answer_field", "messages_field", "tools_field", "tool_calls_field",
+                "tool_name_field", "tool_input_field", "tool_output_field", "tokenizer"):
+    need(isinstance(get(field), str) and bool(get(field)), field, "must be a non-empty string")
+  for field in ("overlong", "on_bad_row"):
+    need(get(field) in ("skip", "error"), field, f"{get(field)!r} is not skip or error")
+  need(get("eval_size") >= 0, "eval_size", "must be >= 0 (a fraction < 1 or a row count)")
+  need(get("pack_window") >= 1, "pack_window", "must be >= 1")
+  need(get("stream_epochs") >= 0, "stream_epochs", "must be >= 0 (0 = endless)")
+  need(get("prefetch") >= 0, "prefetch", "must be >= 0")
+  need(get("tokenize_batch_size") >= 1, "tokenize_batch_size", "must be >= 1")
+  need(bool(get("mixture")) or bool(get("dataset_name")), "dataset_name", "set a dataset (or data.mixture)")
+  try:
+    source_specs(data_cfg)
+  except ValueError as e:
+    raise ValueError(f"config.data.mixture: {e}") from None
+
+
 def make_pipeline(data_cfg, tokenizer, *, seq_len: int, global_batch_size: int, seed: int, process_index: int = 0,
                   process_count: int = 1, split: str = "train", allgather: Allgather | None = None):
   """The train iterator (split="train") or the eval batches (split="eval") of this host.
@@ -645,10 +673,7 @@ def make_pipeline(data_cfg, tokenizer, *, seq_len: int, global_batch_size: int, 
   if split not in ("train", "eval"):
     raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
   _check_batch_args(seq_len, global_batch_size, process_index, process_count)
-  for field in ("pack_window", "prefetch", "num_epochs"):
-    value = int(data_config.get(data_cfg, field))
-    if value < (1 if field == "pack_window" else 0):
-      raise ValueError(f"data.{field} must be >= {1 if field == 'pack_window' else 0}, got {value}")
+  validate_data_config(data_cfg)
   hosts = _Hosts(process_index, process_count, allgather)
   prepared = _prepare(data_cfg, tokenizer, seq_len, global_batch_size, hosts)
   if split == "train":

@@ -17,7 +17,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Generator, Iterator
 
 import numpy as np
 
@@ -183,52 +183,35 @@ class LocalFiles(RowSource):
 
   def _count(self, path: Path) -> int:
     if path.suffix == ".parquet":
-      import pyarrow.parquet as pq
-      return pq.ParquetFile(path).metadata.num_rows
+      return _parquet_file(path).metadata.num_rows
     if path.suffix == ".json":
       rows = self._json_rows(path)
       if rows is not None:
         return len(rows)
     return _count_lines(path)
 
-  def _iter_file(self, path: Path) -> Iterator[Any]:
-    if path.suffix == ".parquet":
-      import pyarrow.parquet as pq
-      for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-        yield from batch.to_pylist()
-      return
-    if path.suffix == ".json":
-      rows = self._json_rows(path)
-      if rows is not None:
-        yield from rows
-        return
-    with open(path, encoding="utf-8") as f:
-      for lineno, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        try:
-          yield json.loads(line)
-        except json.JSONDecodeError as e:
-          yield BadLine(f"{path.name} line {lineno} is not valid JSON ({e.msg})")
-
   def iter_rows(self) -> Iterator[Any]:
-    for path in self.paths:
-      yield from self._iter_file(path)
+    for _, row in self._rows(None):
+      yield row
 
   def iter_selected(self, keep: np.ndarray) -> Iterator[tuple[int, Any]]:
-    n = len(keep)
+    seen = yield from self._rows(keep)
+    _check_count(self.name, seen, len(keep))
+
+  def _rows(self, keep: np.ndarray | None) -> Generator[tuple[int, Any], None, int]:
+    """(index, row) over the files in order, only where keep[index] when `keep` is given (other lines are not even
+    parsed); returns the number of rows seen."""
     idx = 0
 
     def check(more: int):
-      if idx + more > n:
-        raise RuntimeError(f"{self.name}: more rows than the {n} counted; did the files change while reading?")
+      if keep is not None and idx + more > len(keep):
+        raise RuntimeError(f"{self.name}: more rows than the {len(keep)} counted; did the files change while reading?")
 
     for path in self.paths:
       if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        for batch in _parquet_file(path).iter_batches(batch_size=1024):
           check(batch.num_rows)
-          sel = np.flatnonzero(keep[idx:idx + batch.num_rows])
+          sel = np.arange(batch.num_rows) if keep is None else np.flatnonzero(keep[idx:idx + batch.num_rows])
           if len(sel):
             yield from zip((idx + sel).tolist(), batch.take(sel).to_pylist())
           idx += batch.num_rows
@@ -237,7 +220,7 @@ class LocalFiles(RowSource):
       if rows is not None:
         check(len(rows))
         for j, row in enumerate(rows):
-          if keep[idx + j]:
+          if keep is None or keep[idx + j]:
             yield idx + j, row
         idx += len(rows)
         continue
@@ -246,13 +229,18 @@ class LocalFiles(RowSource):
           if not line.strip():
             continue
           check(1)
-          if keep[idx]:  # only owned lines are parsed
+          if keep is None or keep[idx]:
             try:
               yield idx, json.loads(line)
             except json.JSONDecodeError as e:
               yield idx, BadLine(f"{path.name} line {lineno} is not valid JSON ({e.msg})")
           idx += 1
-    _check_count(self.name, idx, n)
+    return idx
+
+
+def _parquet_file(path: Path):
+  import pyarrow.parquet as pq  # heavy (a quarter second): imported for .parquet files only
+  return pq.ParquetFile(path)
 
 
 class HFDataset(RowSource):
@@ -296,7 +284,7 @@ class TfdsSource(RowSource):
 
   def __init__(self, name: str, split: str):
     try:
-      import tensorflow_datasets as tfds
+      import tensorflow_datasets as tfds  # an optional extra
     except ImportError:
       raise ImportError(f"tfds:{name} needs tensorflow-datasets, an optional extra: pip install 'numina_jax[tfds]'") \
           from None
@@ -313,7 +301,7 @@ class TfdsSource(RowSource):
 
 def load_hub_dataset(name: str, config: str = "", split: str = "train") -> HFDataset:
   """`datasets.load_dataset(name, config, split=split)`: a Hub id, or a local directory laid out like one."""
-  import datasets
+  import datasets  # heavy: imported for Hub and dataset-directory sources only
   try:
     ds = datasets.load_dataset(name, config or None, split=split)
   except Exception as e:  # datasets raises many types (connection, missing split, missing files)

@@ -21,13 +21,17 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from numina_jax.data import config as data_config
-from numina_jax.data import harmony
 from numina_jax.data.errors import BadRowError, RowContext
+from numina_jax.data.harmony.conversation import Conversation
+from numina_jax.data.harmony.options import RenderOptions
+from numina_jax.data.harmony.rows import row_conversation
+from numina_jax.data.harmony.tokens import backend_tokenizer, renderer_for
 from numina_jax.data.sources import BadLine, RowFilter, RowSource, SourceSpec
 
-CACHE_VERSION = 3  # 2: shards by row slot; 3: the final answer is found by eval.grading.last_boxed
+CACHE_VERSION = 3  # 2: shards by row slot; 3: the final answer is found by boxed.last_boxed, as in grading
 OK, BAD, FILTERED = 0, 1, 2
 MAX_LOGGED_ERRORS = 20
 _SHARD_SALT = 0x5EED_0F_5A
@@ -50,7 +54,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
   except TypeError:
     cached = None
   if cached is None:
-    cached = hashlib.sha256(harmony._backend(tokenizer).to_str().encode()).hexdigest()
+    cached = hashlib.sha256(backend_tokenizer(tokenizer).to_str().encode()).hexdigest()
     try:
       _TOKENIZER_FINGERPRINTS[tokenizer] = cached
     except TypeError:
@@ -113,9 +117,9 @@ class TokenizedSource:
                mmap("loss.bin", np.uint8), np.load(path / "offsets.npy"), np.load(path / "status.npy"), meta)
 
 
-def render_options(spec: SourceSpec, data_cfg) -> harmony.RenderOptions:
-  overrides = {k: v for k, v in spec.overrides if k in {f.name for f in dataclasses.fields(harmony.RenderOptions)}}
-  return harmony.RenderOptions.from_config(data_cfg, **overrides)
+def render_options(spec: SourceSpec, data_cfg) -> RenderOptions:
+  overrides = {k: v for k, v in spec.overrides if k in {f.name for f in dataclasses.fields(RenderOptions)}}
+  return RenderOptions.from_config(data_cfg, **overrides)
 
 
 def config_key(spec: SourceSpec, tokenizer, data_cfg=None) -> str:
@@ -159,11 +163,6 @@ def tokenize_shards(spec: SourceSpec, source: RowSource, tokenizer, data_cfg=Non
   return [TokenizedSource.load(paths[r]) for r in shards]
 
 
-def tokenize_source(spec: SourceSpec, source: RowSource, tokenizer, data_cfg=None) -> TokenizedSource:
-  """The whole source as one shard (cached)."""
-  return tokenize_shards(spec, source, tokenizer, data_cfg)[0]
-
-
 @dataclasses.dataclass
 class _ShardOut:
   """A shard being built: its rows, their lengths and status, counts, and the first errors."""
@@ -177,11 +176,10 @@ class _ShardOut:
 
 
 def _build(source: RowSource, tokenizer, spec: SourceSpec, data_cfg, num_shards: int, outs: dict[int, Path]) -> None:
-  from tqdm.auto import tqdm
   opts = render_options(spec, data_cfg)
   row_filter = RowFilter.for_source(spec, data_cfg)
   on_bad_row = data_config.get(data_cfg, "on_bad_row")
-  renderer = harmony.renderer_for(tokenizer)
+  renderer = renderer_for(tokenizer)
   batch_size = int(data_config.get(data_cfg, "tokenize_batch_size"))
   n = source.num_rows
   shard_of = row_shards(source.name, n, num_shards)
@@ -193,7 +191,7 @@ def _build(source: RowSource, tokenizer, spec: SourceSpec, data_cfg, num_shards:
     shards[r] = _ShardOut(out, rows, np.zeros(len(rows), np.int64), np.zeros(len(rows), np.int8),
                           collections.Counter(), [])
   keep = np.isin(shard_of, list(outs))
-  pending: list[tuple[int, harmony.Conversation]] = []
+  pending: list[tuple[int, Conversation]] = []
 
   def flush():
     by_shard = collections.defaultdict(list)
@@ -227,7 +225,7 @@ def _build(source: RowSource, tokenizer, spec: SourceSpec, data_cfg, num_shards:
         sh.status[local[idx]] = FILTERED
         sh.counts[f"filtered:{reason}"] += 1
       else:
-        pending.append((idx, harmony.row_conversation(row, opts, ctx)))
+        pending.append((idx, row_conversation(row, opts, ctx)))
     except BadRowError as e:
       if on_bad_row == "error":
         raise

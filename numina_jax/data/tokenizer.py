@@ -13,9 +13,12 @@ import re
 from pathlib import Path
 from typing import Iterable
 
-from numina_jax.data.harmony import SPECIAL_TOKENS, special_token_ids
+import tokenizers
 
-SAMPLE_DIR = Path(__file__).resolve().parent / "sample"
+from numina_jax.data.harmony.conversation import SPECIAL_TOKENS
+from numina_jax.data.harmony.tokens import special_token_ids
+from numina_jax.data.sources import SAMPLE_DIR
+
 DEMO_TOKENIZER_FILE = SAMPLE_DIR / "demo_tokenizer.json"
 DEMO_VOCAB_SIZE = 1024  # total, special tokens included; the demo model's vocab_size
 DEMO_NAMES = ("demo", "sample:demo")
@@ -28,7 +31,7 @@ def vocab_size(tokenizer) -> int:
 
 
 def _wrap(backend):
-  from transformers import PreTrainedTokenizerFast
+  from transformers import PreTrainedTokenizerFast  # heavy (torch probing): only when a tokenizer is made
   # gpt-oss's own choices: <|return|> ends a completion, <|endoftext|> pads; no BOS is prepended by the renderer.
   return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|startoftext|>", eos_token="<|return|>",
                                  pad_token="<|endoftext|>")
@@ -36,7 +39,6 @@ def _wrap(backend):
 
 def demo_tokenizer(path: str | Path | None = None):
   """The project's small tokenizer (DEMO_VOCAB_SIZE ids) as a transformers PreTrainedTokenizerFast."""
-  import tokenizers
   path = Path(path) if path is not None else DEMO_TOKENIZER_FILE
   if not path.is_file():
     raise FileNotFoundError(f"demo tokenizer file not found: {path} (make it with python -m numina_jax.data.make_sample)")
@@ -52,7 +54,7 @@ def load_tokenizer(name_or_path: str):
   """
   if name_or_path in DEMO_NAMES:
     return demo_tokenizer()
-  from transformers import AutoTokenizer
+  from transformers import AutoTokenizer  # heavy: only when a tokenizer is loaded
   local = Path(name_or_path).expanduser()
   if (name_or_path.startswith((".", "/", "~")) or local.exists()) and not local.is_dir():
     raise FileNotFoundError(f"tokenizer directory not found: {name_or_path}")
@@ -73,12 +75,12 @@ def text_pieces(texts: Iterable[str]) -> Iterable[str]:
 
 def train_demo_tokenizer(texts: Iterable[str], vocab: int = DEMO_VOCAB_SIZE):
   """Trains the byte-level BPE (deterministic for the same texts) and returns a tokenizers.Tokenizer."""
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-  tok = Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-  tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=vocab, min_frequency=2, special_tokens=list(SPECIAL_TOKENS),
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+  byte_level = tokenizers.pre_tokenizers.ByteLevel
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+  tok.pre_tokenizer = byte_level(add_prefix_space=False, use_regex=True)
+  tok.decoder = tokenizers.decoders.ByteLevel()
+  trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab, min_frequency=2, special_tokens=list(SPECIAL_TOKENS),
+                                           initial_alphabet=byte_level.alphabet(), show_progress=False)
   tok.train_from_iterator(list(text_pieces(texts)), trainer=trainer)
   if tok.get_vocab_size() != vocab:
     raise ValueError(f"demo tokenizer came out with {tok.get_vocab_size()} ids, wanted {vocab}: too little text")

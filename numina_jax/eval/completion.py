@@ -7,7 +7,10 @@ import dataclasses
 import re
 from typing import Sequence
 
-from numina_jax.data.harmony import HarmonyRenderer, Message, RenderOptions, _backend, renderer_for, system_text
+from numina_jax.data.harmony.conversation import Message
+from numina_jax.data.harmony.options import RenderOptions
+from numina_jax.data.harmony.system import system_text
+from numina_jax.data.harmony.tokens import HarmonyRenderer, backend_tokenizer, renderer_for
 
 ROLES = ("user", "assistant", "system", "developer", "tool")
 TERMINATORS = ("<|end|>", "<|call|>", "<|return|>")
@@ -108,7 +111,7 @@ class CompletionCodec:
     self.terminators = {sp[t]: t for t in TERMINATORS}
     self.stop_token_ids = tuple(sp[t] for t in STOP_TOKENS)
     self.assistant_start = [self.start] + self.renderer.encode_text("assistant")
-    self._decoder = _backend(tokenizer)
+    self._decoder = backend_tokenizer(tokenizer)
 
   def decode(self, ids: Sequence[int]) -> str:
     """Text of `ids`, special tokens written out; bytes that are not UTF-8 (a cut character) become U+FFFD."""

@@ -34,7 +34,7 @@ import sys
 import time
 from typing import Iterable, Iterator, Sequence
 
-from numina_jax.data.harmony import REASONING_EFFORTS, RenderOptions
+from numina_jax.data.harmony.options import REASONING_EFFORTS, RenderOptions
 from numina_jax.eval import grading
 from numina_jax.eval.completion import CompletionCodec, ParsedCompletion
 from numina_jax.sampling.types import Completion, Sampler, SamplingParams

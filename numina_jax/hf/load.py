@@ -1,19 +1,22 @@
 """Load a Hugging Face gpt-oss checkpoint (dense or MXFP4 safetensors, a local folder or a Hub id) into a
-`GptOss`, streaming every parameter straight into its sharding: each device shard is read from the files
-on its own (layer range, expert range, head range, ...), so the host never holds the whole model."""
+`GptOss`, streaming every parameter straight into its sharding: each device shard is read from the files on its
+own (layer range, expert range, head range, ...) in pieces of bounded size, so the host holds a few pieces at most."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import mmap
 import os
 import struct
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
@@ -82,6 +85,51 @@ class _TensorInfo:
     self.file, self.shape, self.dtype, self.begin, self.end = file, tuple(shape), dtype, begin, end
 
 
+def _read_region(path: str, info: _TensorInfo, index: tuple[slice, ...]) -> np.ndarray:
+  """A copy of `tensor[index]` (unit-step slices) of a C-ordered tensor stored in `path`. Only the bytes from the
+  window's first to its last element are mapped, and unmapped before returning: nothing of the file stays
+  resident in this process."""
+  dtype = np.dtype(_NP_DTYPES[info.dtype])
+  index = tuple(index) + (slice(None),) * (len(info.shape) - len(index))
+  spans = []
+  for s, n in zip(index, info.shape):
+    start, stop, step = s.indices(n)
+    if step != 1:
+      raise ValueError(f"windowed reads need unit-step slices, got {s}")
+    spans.append((start, max(start, stop)))
+  shape = tuple(b - a for a, b in spans)
+  if 0 in shape:
+    return np.empty(shape, dtype)
+  strides = [dtype.itemsize * math.prod(info.shape[k + 1:]) for k in range(len(info.shape))]
+  lo = info.begin + sum(a * st for (a, _), st in zip(spans, strides))
+  hi = info.begin + sum((b - 1) * st for (_, b), st in zip(spans, strides)) + dtype.itemsize
+  base = lo - lo % mmap.ALLOCATIONGRANULARITY
+  with open(path, "rb") as f:  # populated up front: one call instead of a page fault per 4 KiB
+    mapped = mmap.mmap(f.fileno(), hi - base, offset=base, prot=mmap.PROT_READ,
+                       flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+  view = None
+  try:
+    view = np.ndarray(shape, dtype, buffer=mapped, offset=lo - base, strides=strides)
+    return np.array(view, order="C")
+  finally:
+    del view  # the mapping can only close once no array points into it
+    mapped.close()
+
+
+class _LazyTensor:
+  """One tensor of a checkpoint file; indexing it with slices reads just that window (see `_read_region`)."""
+
+  def __init__(self, path: str, info: _TensorInfo):
+    self.path, self.info = path, info
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return self.info.shape
+
+  def __getitem__(self, index) -> np.ndarray:
+    return _read_region(self.path, self.info, index if isinstance(index, tuple) else (index,))
+
+
 def _read_header(path: str) -> tuple[int, dict[str, Any]]:
   """(data start offset, header dict) of a safetensors file; names the file when it is truncated or corrupt."""
   size = os.path.getsize(path)
@@ -132,13 +180,12 @@ class SafetensorsCheckpoint:
       raise FileNotFoundError(f"{index_path} lists files that do not exist in {directory}: {_listing(absent)}")
 
     self.tensors: dict[str, _TensorInfo] = {}
-    self._handles: dict[str, Any] = {}
-    self._raw: dict[str, np.memmap] = {}
     for file in files:
       path = os.path.join(directory, file)
       start, header = _read_header(path)
-      try:
-        self._handles[file] = safe_open(path, framework="numpy")
+      try:  # safetensors' own checks of the header (offsets, dtypes); the data is read by `_read_region`
+        with safe_open(path, framework="numpy"):
+          pass
       except SafetensorError as e:
         raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({e})") from None
       for name, info in header.items():
@@ -158,23 +205,15 @@ class SafetensorsCheckpoint:
   def __contains__(self, name: str) -> bool:
     return name in self.tensors
 
-  def slice_handle(self, name: str):
+  def slice_handle(self, name: str) -> _LazyTensor:
     """A lazy, sliceable view of one tensor (reads only what is indexed)."""
-    info = self.tensors[name]
-    if info.dtype == "BF16":
-      # safetensors' numpy frontend cannot reliably produce bfloat16, so view the raw little-endian bytes.
-      raw = self._raw.get(info.file)
-      if raw is None:
-        raw = self._raw[info.file] = np.memmap(os.path.join(self.directory, info.file), np.uint8, mode="r")
-      return raw[info.begin:info.end].view(ml_dtypes.bfloat16).reshape(info.shape)
-    return self._handles[info.file].get_slice(name)
-
-  def read(self, name: str, index: tuple[slice, ...] | None = None) -> np.ndarray:
     info = self.tensors[name]
     if info.dtype not in _NP_DTYPES:
       raise CheckpointError(f"tensor {name!r} has unsupported dtype {info.dtype}")
-    index = tuple(slice(None) for _ in info.shape) if index is None else index
-    return np.array(self.slice_handle(name)[index])
+    return _LazyTensor(os.path.join(self.directory, info.file), info)
+
+  def read(self, name: str, index: tuple[slice, ...] | None = None) -> np.ndarray:
+    return self.slice_handle(name)[() if index is None else index]
 
   def read_dense(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
     """`name` in the dense HF layout; MXFP4 expert weights ([E, out, in] blocks) are dequantized and
@@ -330,47 +369,155 @@ def _concrete(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[i
   return tuple(out)
 
 
-def _place(ckpt, cfg, entry, names, specs, shardings, np_dtype) -> list[jax.Array]:
-  """Builds the parameters `names` of one weight-map entry, one device shard at a time."""
+# Host bytes of one piece (over all targets of an entry, counted in fp32 as dequantization and casts work in it):
+# the loader holds about three pieces' worth of temporaries beyond the parameters.
+CHUNK_BYTES = 64 << 20
+
+# The axis of our per-layer (or global) parameter along which its Hugging Face tensor is stored row by row, so that
+# a range of it is one contiguous run of the file; large device shards are read in pieces along it. Others: axis 0.
+_ROW_AXIS = {"lm_head.weight": 1, _P + "self_attn.q_proj.weight": 1, _P + "self_attn.k_proj.weight": 1,
+             _P + "self_attn.v_proj.weight": 1, _P + "self_attn.o_proj.weight": 2, _P + "mlp.router.weight": 1}
+assert set(_ROW_AXIS) <= set(WINDOWS)
+
+
+def _pieces(want: tuple[int, ...], lead: int, axis: int, rows: int) -> Iterator[tuple[tuple[int, int], ...]]:
+  """The pieces a device shard of shape `want` is read in, as (start, stop) per axis relative to the shard: one
+  index of the layer axis (when `lead` is 1) at a time, `rows` indices of axis `lead + axis` at a time."""
+  for layer in range(want[0]) if lead else [None]:
+    for lo in range(0, want[lead + axis], rows):
+      span = [(0, n) for n in want]
+      if lead:
+        span[0] = (layer, layer + 1)
+      span[lead + axis] = (lo, min(lo + rows, want[lead + axis]))
+      yield tuple(span)
+
+
+def _read_piece(ckpt, cfg, entry, spans, piece, np_dtype) -> list[np.ndarray]:
+  """The targets of `entry` over `piece` (relative spans) of the device shard at `spans`, in `np_dtype`; per-layer
+  pieces keep their layer axis."""
+  where = [(a + p0, a + p1) for (a, _), (p0, p1) in zip(spans, piece)]
+  lead = 1 if entry.per_layer else 0
+  layer = where[0][0] if lead else None
+  parts = read_window(ckpt, cfg, entry, layer, tuple(slice(a, b) for a, b in where[lead:]))
+  want = tuple(b - a for a, b in piece)
+  assert all(p.shape == want[lead:] for p in parts), (entry.hf_name, [p.shape for p in parts], want)
+  return [_contiguous(p, np_dtype).reshape(want) for p in parts]
+
+
+def _contiguous(a: np.ndarray, dtype, tile: int = 256) -> np.ndarray:
+  """A C-ordered copy of `a` in `dtype`. A strided (transposed) source is copied tile by tile in its own dtype, so
+  source and destination stay in cache, then cast contiguously: about 2x a plain strided casting copy."""
+  if a.flags.c_contiguous or a.ndim < 2:
+    return np.ascontiguousarray(a).astype(dtype, copy=False)
+  out = np.empty(a.shape, a.dtype)
+  for i in range(0, a.shape[-2], tile):
+    for j in range(0, a.shape[-1], tile):
+      out[..., i:i + tile, j:j + tile] = a[..., i:i + tile, j:j + tile]
+  return out.astype(dtype, copy=False)
+
+
+@functools.lru_cache(maxsize=None)
+def _writer(mesh: Mesh, spec: P):
+  """Writes each device's piece into the same window of its own shard, in place (the buffer is donated); one
+  compilation serves every device of the mesh."""
+  def write(buf, piece, starts):
+    return jax.lax.dynamic_update_slice(buf, piece, starts)
+  return jax.jit(jax.shard_map(write, mesh=mesh, in_specs=(spec, spec, P()), out_specs=spec), donate_argnums=0)
+
+
+def _fills_on_host(devices) -> bool:
+  """Whether these devices keep their buffers in host memory (CPU): a shard is then filled where it will live."""
+  return all(d.platform == "cpu" for d in devices)
+
+
+_ALIGN = 64  # XLA:CPU adopts host buffers aligned to this without a copy
+
+
+def _host_buffer(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+  nbytes = math.prod(shape) * dtype.itemsize
+  raw = np.empty(nbytes + _ALIGN, np.uint8)
+  start = -raw.ctypes.data % _ALIGN
+  return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def _place(ckpt, cfg, entry, names, specs, shardings, np_dtype, chunk_bytes) -> list[jax.Array]:
+  """Builds the parameters `names` of one weight-map entry, reading each device shard in pieces of at most about
+  `chunk_bytes` along the entry's row axis, so the host holds a piece or two beyond the parameters:
+  - on CPU devices (whose memory is host memory) each shard is filled piece by piece in a host buffer that the
+    device then adopts without a copy;
+  - elsewhere a shard within `chunk_bytes` is assembled on the host and copied over whole, and a larger one goes
+    piece by piece to its devices, each piece written there in place into a zero buffer (one layer of stacked
+    experts is 3 GiB in fp32: no host ever holds it whole)."""
   shape = specs[names[0]].shape
   sharding = shardings[names[0]]
   assert all(specs[n].shape == shape and shardings[n] == sharding for n in names), names
+  index_map = sharding.addressable_devices_indices_map(shape)
   groups: dict[tuple[tuple[int, int], ...], list[jax.Device]] = {}
-  for device, index in sharding.addressable_devices_indices_map(shape).items():
+  for device, index in index_map.items():
     groups.setdefault(_concrete(index, shape), []).append(device)
-  placed: list[dict[jax.Device, jax.Array]] = [{} for _ in names]
-  for spans, devices in groups.items():
-    sl = tuple(slice(a, b) for a, b in spans)
-    want = tuple(b - a for a, b in spans)
-    if entry.per_layer:
-      (l0, l1), inner = spans[0], sl[1:]
-      bufs = [np.empty(want, np_dtype) for _ in names]
-      for layer in range(l0, l1):
-        for buf, part in zip(bufs, read_window(ckpt, cfg, entry, layer, inner)):
-          assert part.shape == want[1:], (entry.hf_name, part.shape, want)
-          buf[layer - l0] = part
+  lead = 1 if entry.per_layer else 0
+  axis = _ROW_AXIS.get(entry.hf_name, 0)
+  want = tuple(b - a for a, b in next(iter(groups)))
+  assert all(tuple(b - a for a, b in spans) == want for spans in groups), (entry.hf_name, list(groups))
+  n_rows = want[lead + axis]
+  row = len(names) * max(np_dtype.itemsize, 4) * math.prod(want[lead:]) // n_rows  # host bytes of one row
+  shards: list[dict[jax.Device, jax.Array]] = [{} for _ in names]
+
+  if _fills_on_host(index_map) or row * n_rows * (want[0] if lead else 1) <= chunk_bytes:
+    for spans, devices in groups.items():
+      bufs = [_host_buffer(want, np_dtype) for _ in names]
+      for piece in _pieces(want, lead, axis, min(n_rows, max(1, chunk_bytes // row))):
+        for buf, part in zip(bufs, _read_piece(ckpt, cfg, entry, spans, piece, np_dtype)):
+          buf[tuple(slice(a, b) for a, b in piece)] = part
+      for k, buf in enumerate(bufs):
+        for device in devices:  # CPU devices share the (immutable) buffer; others copy it
+          shards[k][device] = jax.device_put(buf, device, may_alias=True)
+      # Wait for the copies so the host buffers of this shard can go before the next one is read.
+      jax.block_until_ready([shards[k][d] for k in range(len(names)) for d in devices])
+      del bufs
+  else:
+    # Writes go through a mesh: the sharding's own, or one per device for other kinds of sharding.
+    if isinstance(sharding, NamedSharding):
+      targets = [sharding]
     else:
-      bufs = [np.asarray(p, np_dtype) for p in read_window(ckpt, cfg, entry, None, sl)]
-      assert all(b.shape == want for b in bufs), (entry.hf_name, [b.shape for b in bufs], want)
-    for k, buf in enumerate(bufs):
-      for device in devices:
-        placed[k][device] = jax.device_put(buf, device)
-    # Wait for the copies so the host buffers of this shard can go before the next one is read.
-    jax.block_until_ready([placed[k][d] for k in range(len(names)) for d in devices])
-    del bufs
-  devices = list(sharding.addressable_devices_indices_map(shape))
-  return [jax.make_array_from_single_device_arrays(shape, sharding, [p[d] for d in devices])
-          for p in placed]
+      targets = [NamedSharding(Mesh(np.array([d]), ("device",)), P()) for d in index_map]
+    bufs = [[jnp.zeros(shape if t is sharding else want, np_dtype, device=t) for t in targets] for _ in names]
+    # Each step reads one piece per distinct shard (group) before the write: together they stay within chunk_bytes.
+    rows = min(n_rows, max(1, chunk_bytes // (row * len(groups))))
+    for piece in _pieces(want, lead, axis, rows):
+      local = [{} for _ in names]
+      for spans, devices in groups.items():
+        for k, part in enumerate(_read_piece(ckpt, cfg, entry, spans, piece, np_dtype)):
+          for device in devices:
+            local[k][device] = jax.device_put(part, device)
+        # The host copy of this shard's piece can go before the next shard's is read.
+        jax.block_until_ready([local[k][d] for k in range(len(names)) for d in devices])
+      size = tuple(b - a for a, b in piece)
+      starts = tuple(a for a, _ in piece)
+      for k in range(len(names)):
+        for t, target in enumerate(targets):
+          devices = list(target.addressable_devices_indices_map(bufs[k][t].shape))
+          global_shape = tuple(n * (g // w) for n, g, w in zip(size, bufs[k][t].shape, want))
+          piece_k = jax.make_array_from_single_device_arrays(global_shape, target, [local[k][d] for d in devices])
+          bufs[k][t] = _writer(target.mesh, target.spec)(bufs[k][t], piece_k, starts)
+      jax.block_until_ready(bufs)
+      del local
+    for k in range(len(names)):
+      for buf in bufs[k]:
+        shards[k].update({s.device: s.data for s in buf.addressable_shards})
+  return [jax.make_array_from_single_device_arrays(shape, sharding, [p[d] for d in index_map]) for p in shards]
 
 
 def load_pretrained_params(path_or_hub_id, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None, *,
                            shardings: Mapping[str, jax.sharding.Sharding] | None = None,
-                           revision: str | None = None, progress: bool = True
+                           revision: str | None = None, progress: bool = True, chunk_bytes: int = CHUNK_BYTES
                            ) -> tuple[dict[str, jax.Array], GptOssConfig]:
   """Our flat `{name: array}` parameters (in `dtype`) and config from an HF checkpoint.
 
   With `mesh`, each parameter lands in its `numina_jax.sharding.param_shardings` sharding (or pass
-  `shardings` explicitly); without, on the default device, one parameter at a time.
+  `shardings` explicitly); without, on the default device, one parameter at a time. Device shards larger than
+  `chunk_bytes` are read and transferred in pieces of about that size, which bounds the host memory used beyond
+  the parameters themselves.
   """
   from numina_jax.sharding import param_shardings
 
@@ -394,7 +541,7 @@ def load_pretrained_params(path_or_hub_id, dtype=jnp.float32, mesh: jax.sharding
     for entry in keymap.ENTRIES:
       names = [("layers/" if entry.per_layer else "") + t for t in entry.targets]
       bar.set_postfix_str(entry.hf_name.replace("{i}", "*"), refresh=False)
-      for name, arr in zip(names, _place(ckpt, cfg, entry, names, specs, shardings, np_dtype)):
+      for name, arr in zip(names, _place(ckpt, cfg, entry, names, specs, shardings, np_dtype, chunk_bytes)):
         params[name] = arr
       bar.update(L if entry.per_layer else 1)
   assert set(params) == set(specs)

@@ -14,6 +14,12 @@ SCALE_BIAS = 127
 # E2M1 code -> value: bit 3 sign, bits 1-2 exponent, bit 0 mantissa.
 FP4_VALUES = np.array([+0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
                        -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], dtype=np.float32)
+# (scale byte s, block byte b) -> the two values b holds, low nibble first, each ldexp'd by s - 127 in fp32 exactly
+# as transformers does (torch.ldexp): a single lookup per byte then dequantizes. Stored as one uint64 per pair.
+_BYTE_VALUES = np.stack([FP4_VALUES[np.arange(256) & 0x0F], FP4_VALUES[np.arange(256) >> 4]], axis=-1)
+with np.errstate(over="ignore"):  # scale 255 turns 6 into inf, as ldexp does
+  _PAIRS = np.ldexp(_BYTE_VALUES[None], (np.arange(256, dtype=np.int32) - SCALE_BIAS)[:, None, None])
+_PAIRS = np.ascontiguousarray(_PAIRS, np.float32).view(np.uint64).reshape(256 * 256)
 
 
 def dequantize(blocks: np.ndarray, scales: np.ndarray, dtype=np.float32) -> np.ndarray:
@@ -29,12 +35,8 @@ def dequantize(blocks: np.ndarray, scales: np.ndarray, dtype=np.float32) -> np.n
   if blocks.shape[-1] != BYTES_PER_GROUP or blocks.shape[:-1] != scales.shape:
     raise ValueError(f"MXFP4 blocks {blocks.shape} do not match scales {scales.shape}: expected "
                      f"blocks = scales.shape + ({BYTES_PER_GROUP},)")
-  out = np.empty((*blocks.shape[:-1], 2 * BYTES_PER_GROUP), np.float32)
-  out[..., 0::2] = FP4_VALUES[blocks & 0x0F]
-  out[..., 1::2] = FP4_VALUES[blocks >> 4]
-  # ldexp by the unbiased exponent, exactly as transformers does (torch.ldexp); inf/nan never arise for the
-  # exponent range of a uint8 scale and |element| <= 6 in fp32.
-  out = np.ldexp(out, (scales.astype(np.int32) - SCALE_BIAS)[..., None])
+  pair = (scales.astype(np.intp) << 8)[..., None] | blocks
+  out = np.take(_PAIRS, pair).view(np.float32)
   return out.reshape(*blocks.shape[:-2], -1).astype(dtype, copy=False)
 
 

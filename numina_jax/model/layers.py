@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 
 from numina_jax.model import moe as moe_lib
 from numina_jax.sharding import with_logical_constraint

@@ -84,6 +84,24 @@ def count_params(cfg: GptOssConfig) -> int:
   return total
 
 
+def init_params(cfg: GptOssConfig, key: jax.Array, param_dtype=jnp.float32, shardings=None) -> dict[str, jax.Array]:
+  """The one random init: normal(0, initializer_range) matrices, zero biases, unit norms, a zero padding row in
+  the embedding (as torch's padding_idx). With `shardings`, every array is created directly in its sharding
+  (never whole on one device)."""
+  specs = param_specs(cfg)
+
+  def make():
+    out = {}
+    for i, (name, spec) in enumerate(sorted(specs.items())):
+      out[name] = init_value(spec, jax.random.fold_in(key, i), param_dtype, cfg.initializer_range)
+    pad = cfg.pad_token_id
+    if pad is not None and 0 <= pad < cfg.vocab_size:
+      out["embed"] = out["embed"].at[pad].set(0)
+    return out
+
+  return jax.jit(make, out_shardings=shardings)()
+
+
 def init_value(spec: ParamSpec, key: jax.Array, dtype, std: float) -> jax.Array:
   if spec.init == "zeros":
     return jnp.zeros(spec.shape, dtype)

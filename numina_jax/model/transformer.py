@@ -7,12 +7,11 @@ from typing import Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from numina_jax.model import attention as attn_lib, layers, moe
 from numina_jax.model.config import GptOssConfig, yarn_inv_freq
-from numina_jax.model.params import PER_LAYER, TOP_LEVEL, ParamSpec, init_value, param_specs
+from numina_jax.model.params import PER_LAYER, TOP_LEVEL, ParamSpec, init_params, param_specs
 from numina_jax.sharding import with_logical_constraint
 
 REMAT_POLICIES = {
@@ -113,11 +112,7 @@ class GptOss(nnx.Module):
     specs = param_specs(cfg)
     if params is None:
       rngs = rngs if rngs is not None else nnx.Rngs(0)
-      params = {}
-      for name, spec in specs.items():
-        params[name] = init_value(spec, rngs.params(), self.param_dtype, cfg.initializer_range)
-      if cfg.pad_token_id is not None and 0 <= cfg.pad_token_id < cfg.vocab_size:
-        params["embed"] = params["embed"].at[cfg.pad_token_id].set(0)  # as torch's padding_idx init
+      params = init_params(cfg, rngs.params(), self.param_dtype)
     check_params(params, specs)
     self.layers = nnx.Dict({k: nnx.Param(params[f"layers/{k}"], logical_axes=specs[f"layers/{k}"].logical_axes)
                             for k in PER_LAYER})
@@ -151,7 +146,3 @@ def check_params(params: Mapping[str, jax.Array], specs: Mapping[str, ParamSpec]
 def abstract_model(cfg: GptOssConfig, param_dtype="bfloat16") -> GptOss:
   """The model with `ShapeDtypeStruct` leaves: shapes and dtypes without allocating anything."""
   return nnx.eval_shape(lambda: GptOss(cfg, rngs=nnx.Rngs(0), param_dtype=param_dtype))
-
-
-def count_parameters(model: GptOss) -> int:
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
