@@ -14,11 +14,35 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
+import subprocess
 import sys
+import tempfile
 import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+from huggingface_hub import hf_hub_download
+from jax.experimental import topologies
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
+
+from numina_jax import hlo
+from numina_jax.checkpoint import load_model_config
+from numina_jax.config import DEFAULT_CONFIG, load_config, model_config_for, validate
+from numina_jax.data import load_tokenizer
+from numina_jax.data.packing import BATCH_KEYS
 from numina_jax.metrics import Chip, chip, flops_per_token
+from numina_jax.model.attention import resolve_attention, splash_train_flops
+from numina_jax.model.config import GptOssConfig
+from numina_jax.model.moe import EXPERT_PARAMS, resolve_moe_kernel
+from numina_jax.model.params import count_params, param_specs
+from numina_jax.model.transformer import as_dtype
+from numina_jax.optim import make_optimizer
+from numina_jax.sharding import logical_to_spec, make_mesh, opt_state_shardings, param_shardings
+from numina_jax.step import NUM_FLAGS, StepConfig, batch_shardings, host_flags_sharding, jit_train_step
 
 @dataclasses.dataclass
 class Plan:
@@ -125,7 +149,6 @@ def roofline(model_flops: float, flops: float, hbm_bytes: float, ici_bytes: floa
 
 def topology_devices(name: str):
   """The devices of a TPU slice such as 'v5p:4x4x4', for compiling from any host."""
-  from jax.experimental import topologies
   try:
     topo = topologies.get_topology_desc(topology_name=name, platform="tpu")
   except Exception as e:  # missing libtpu, unknown name
@@ -147,18 +170,7 @@ def device_memory(device) -> float | None:
 
 def compile_step(cfg, model_cfg, devices):
   """The real jitted train step, lowered and compiled on abstract, sharded inputs: (compiled, mesh, state_abs)."""
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  from jax.sharding import NamedSharding, PartitionSpec as P
 
-  from numina_jax.data.packing import BATCH_KEYS
-  from numina_jax.model.attention import resolve_attention, splash_train_flops
-  from numina_jax.model.params import count_params, param_specs
-  from numina_jax.model.transformer import as_dtype
-  from numina_jax.optim import make_optimizer
-  from numina_jax.sharding import make_mesh, opt_state_shardings, param_shardings
-  from numina_jax.step import NUM_FLAGS, StepConfig, batch_shardings, host_flags_sharding, jit_train_step
 
   mesh = make_mesh(dict(cfg.mesh), devices)
   specs = param_specs(model_cfg)
@@ -191,10 +203,7 @@ def compile_step(cfg, model_cfg, devices):
 def moe_buffer_fill(cfg, model_cfg, mesh) -> float:
   """The mean share of a device's grouped-matmul rows that hold routed tokens: the MoE sizes its receive buffer
   for the worst case (every peer's assignments landing on one device), while an even load fills X x K of it."""
-  import math
 
-  from numina_jax.model.moe import EXPERT_PARAMS
-  from numina_jax.sharding import logical_to_spec
 
   micro = cfg.microbatch_size or cfg.global_batch_size
   tokens = micro * cfg.seq_len
@@ -217,14 +226,7 @@ def moe_buffer_fill(cfg, model_cfg, mesh) -> float:
 
 def make_plan(cfg, model_cfg, devices, topology: str = "") -> Plan:
   """Compiles the train step for `devices` and accounts its memory, FLOPs, collectives and roofline time."""
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
 
-  from numina_jax import hlo
-  from numina_jax.model.attention import resolve_attention, splash_train_flops
-  from numina_jax.model.moe import resolve_moe_kernel
-  from numina_jax.model.params import count_params
 
   compiled, mesh, state_abs = compile_step(cfg, model_cfg, devices)
   with jax.set_mesh(mesh):
@@ -282,23 +284,18 @@ def make_plan(cfg, model_cfg, devices, topology: str = "") -> Plan:
 
 
 def model_config_from(cfg, model_config_path: str | None):
-  from numina_jax.model.config import GptOssConfig
   if model_config_path:
     return GptOssConfig.from_pretrained(model_config_path)
   if cfg.model.hf_path:
     if os.path.isdir(cfg.model.hf_path):
       return GptOssConfig.from_pretrained(cfg.model.hf_path)
-    from huggingface_hub import hf_hub_download
     try:
       return GptOssConfig.from_pretrained(hf_hub_download(cfg.model.hf_path, "config.json"))
     except Exception as e:
       raise RuntimeError(f"could not fetch config.json of {cfg.model.hf_path} ({type(e).__name__}); "
                          "pass --model-config PATH (a config.json or checkpoint folder)") from e
   if cfg.model.init_checkpoint:
-    from numina_jax.checkpoint import load_model_config
     return load_model_config(cfg.model.init_checkpoint)
-  from numina_jax.data import load_tokenizer
-  from numina_jax.config import model_config_for
   return model_config_for(cfg, load_tokenizer(cfg.data.tokenizer))
 
 
@@ -322,7 +319,6 @@ def main(argv=None) -> int:
   if bad:
     p.error(f"unrecognized arguments: {' '.join(bad)}")
 
-  from numina_jax.config import DEFAULT_CONFIG, load_config, validate
   try:
     cfg = load_config([f"--config={args.config or DEFAULT_CONFIG}", *overrides])
     validate(cfg)
@@ -330,7 +326,6 @@ def main(argv=None) -> int:
     topology = "" if topology == "local" else topology
     if args.sweep is not None:
       return sweep(args, overrides, topology, args.sweep)
-    import jax
     devices = topology_devices(topology) if topology else jax.devices()
     model_cfg = model_config_from(cfg, args.model_config)
     plan = make_plan(cfg, model_cfg, devices, topology)
@@ -356,17 +351,13 @@ def candidate_overrides(candidate: str) -> list[str]:
 
 def sweep(args, overrides: list[str], topology: str, candidates: list[str]) -> int:
   """Plans each candidate in its own process (a compile's memory goes back when it exits) and compares them."""
-  import subprocess
-  import tempfile
 
-  from numina_jax.config import DEFAULT_CONFIG, load_config, validate
   runs = [(c, candidate_overrides(c)) for c in candidates]
   for c, extra in runs:  # catch a typo or a bad value before minutes of compiling
     validate(load_config([f"--config={args.config or DEFAULT_CONFIG}", *overrides, *extra]))
   logs = args.sweep_logs or tempfile.mkdtemp(prefix="plan_sweep_")
   os.makedirs(logs, exist_ok=True)
   results = []
-  from tqdm.auto import tqdm
   for i, (c, extra) in enumerate(tqdm(runs, desc="plan candidates", unit="compile", disable=not sys.stderr.isatty())):
     out_json = os.path.join(logs, f"candidate_{i}.json")
     cmd = [sys.executable, "-m", "numina_jax.plan", "--config", args.config or DEFAULT_CONFIG, "--topology",

@@ -166,7 +166,6 @@ def grouped_ffn(x_MD, sizes_F, w, *, kernel: str, tile: int, limit: float, alpha
   partial down projection [M, D] to its reduced [M, D'] before rounding; `w["down_b"]` is [F, D']. `partial`
   returns that fp32 partial projection as is (no reduce, bias or rounding), for a caller that reduces later."""
   M = x_MD.shape[0]
-  F = sizes_F.shape[0]
   rows = jnp.arange(M)
   end_F = jnp.cumsum(sizes_F)
   expert_M = _group_of(end_F, rows)
