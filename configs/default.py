@@ -56,6 +56,7 @@ def get_config(stage: str = "cot"):
     c.data.dataset_name = "sample:tir"  # shipped NuminaMath-TIR-format sample
     c.model.init_checkpoint = f"{WORKDIR}/stage1_cot/checkpoints"  # alone; a chain sets it to stage 1's
     c.workdir = f"{WORKDIR}/stage2_tir"
+    c.sctir.at_end = True  # then SC-TIR on the held-out sample problems, with sandboxed python: the table
   else:
     raise ValueError(f"configs/default.py: unknown stage {stage!r}; use :cot or :tir")
   return c

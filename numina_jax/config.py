@@ -105,6 +105,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.keep_best = 1  # best checkpoints by eval loss kept besides the recent ones
   c.checkpoint.async_save = True  # write checkpoints in the background
 
+  c.sctir = ml_collections.ConfigDict()
+  c.sctir.at_end = False  # after the stage, SC-TIR (JAX sampler, sandboxed python) on its held-out problems
+  c.sctir.limit = 8  # held-out problems evaluated (the first N of data.eval_size's rows); 0 = all
+  c.sctir.samples = 4  # traces per problem, the majority vote's N
+  c.sctir.rounds = 2  # sampling rounds per trace; every round but the last may end in a python call
+  c.sctir.max_tokens_per_round = 256  # new tokens per round
+  c.sctir.temperature = 0.8  # sampling temperature (Numina's)
+  c.sctir.max_len = 1024  # the sampler's context: prompt, every round and the tool replies
+  c.sctir.seed = 0  # seed of every trace's sampling
+
   c.multihost = False  # start with jax.distributed.initialize() (multi-host slices and clusters)
   c.distributed = ml_collections.ConfigDict()
   c.distributed.coordinator_address = ""  # host:port of process 0; "" = auto-detect (Cloud TPU, SLURM, Open MPI, Kubernetes)
@@ -245,6 +255,13 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     for f, unset in (("coordinator_address", ""), ("num_processes", 0), ("process_id", -1)):
       need(d[f] == unset, f"distributed.{f}", "is set but config.multihost is False; add --config.multihost=True")
   validate_data_config(cfg.data)
+  s = cfg.sctir
+  for f, lo in (("limit", 0), ("samples", 1), ("rounds", 1), ("max_tokens_per_round", 1), ("max_len", 64)):
+    need(isinstance(s[f], int) and s[f] >= lo, f"sctir.{f}", f"must be an integer >= {lo}, got {s[f]!r}")
+  need(s.temperature > 0 or s.samples == 1, "sctir.temperature", "must be > 0 (or sctir.samples 1 for greedy)")
+  need(not (s.at_end and cfg.multihost), "sctir.at_end",
+       "runs on one host (its sandbox is not shared between hosts yet); evaluate a multi-host run's export with "
+       "python -m numina_jax.evaluate")
   need(cfg.next_stage != cfg.stage, "next_stage", f"is this stage ({cfg.stage!r}); name the stage that follows it")
 
 

@@ -261,7 +261,7 @@ def plot_maj_at_k(metrics, path, title: str) -> None:
 
 
 def evaluate(args, sampler, tokenizer, backend: dict, max_context: int | None) -> dict:
-  """Runs the evaluation and writes the outputs; returns the summary."""
+  """Runs the evaluation the flags describe and writes the outputs; returns the summary."""
   cfg = sctir_config(args)
   if cfg.max_context is None and max_context is not None:
     cfg = dataclasses.replace(cfg, max_context=max_context)
@@ -269,9 +269,17 @@ def evaluate(args, sampler, tokenizer, backend: dict, max_context: int | None) -
   if not len(eval_set):
     raise UsageError(f"--set {args.set}: no problems to evaluate (after --limit / --problems)")
   out = _out_dir(args.out, args.overwrite)
+  return write_evaluation(eval_set, sampler, tokenizer, cfg, out, backend, sandbox_workers=args.sandbox_workers)
+
+
+def write_evaluation(eval_set, sampler, tokenizer, cfg: sctir_lib.SCTIRConfig, out, backend: dict, *,
+                     sandbox_workers: int | None = None) -> dict:
+  """SC-TIR of `eval_set` through `sampler` (the one path for the CLI and for the trainer's evaluation at the end
+  of a stage): traces.jsonl (a problem's traces as soon as it finishes), summary.json and maj_at_k.png in `out`,
+  the per-problem table and the metrics on stdout. Returns the summary."""
   t0 = time.time()
   results = {}
-  with sctir_lib.SCTIR(sampler, tokenizer, cfg, sandbox_workers=args.sandbox_workers) as runner, \
+  with sctir_lib.SCTIR(sampler, tokenizer, cfg, sandbox_workers=sandbox_workers) as runner, \
       (out / "traces.jsonl").open("w") as f:
     for r in runner.run(eval_set.problems, eval_set.grader):
       for t in r.traces:

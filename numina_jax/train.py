@@ -85,6 +85,10 @@ def _print_summary(result: dict) -> None:
     for k in ("plot", "hf_export"):
       if r.get(k):
         print(f"  {k}: {r[k]}")
+    if r.get("sctir"):
+      m = r["sctir"]
+      print(f"  sctir: {m['dir']} (maj@{m['n']} {100 * m['maj_at_n']:.1f}%, mean@1 {100 * m['mean_at_1']:.1f}% "
+            f"on {m['num_problems']} held-out problems)")
   if result.get("preempted"):
     print("preempted: a checkpoint was saved; rerun the same command to resume")
 

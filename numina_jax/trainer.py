@@ -409,8 +409,34 @@ class Trainer:
         save_pretrained(self.state["params"], out, cfg=self.model_cfg, dtype=as_dtype(self.cfg.export_dtype),
                         tokenizer=self.tokenizer, overwrite=True, progress=self.progress.interactive)
         result["hf_export"] = out
+      if self.cfg.sctir.at_end:
+        result["sctir"] = self._sctir()
     self.writer.write_summary(result)
     return result
+
+  def _sctir(self) -> dict[str, Any]:
+    """SC-TIR on the stage's held-out problems with the live parameters, written to workdir/sctir/ by the same
+    code as `python -m numina_jax.evaluate`; returns the metrics."""
+    from numina_jax.eval.datasets import held_out_set
+    from numina_jax.eval.sctir import SCTIRConfig
+    from numina_jax.evaluate import write_evaluation
+    from numina_jax.sampling.jax_sampler import JaxSampler
+    s = self.cfg.sctir
+    eval_set = held_out_set(self.cfg.data, limit=s.limit or None)
+    cfg = SCTIRConfig(samples=s.samples, rounds=s.rounds, temperature=s.temperature, seed=s.seed,
+                      max_tokens_per_round=s.max_tokens_per_round, max_context=s.max_len)
+    sampler = JaxSampler(self.state["params"], self.model_cfg, mesh=self.mesh, max_len=s.max_len,
+                         max_batch=max(1, min(len(eval_set), cfg.concurrent_problems)) * s.samples,
+                         moe_kernel=self.cfg.model.moe_kernel, progress=False)
+    out = storage.path(storage.join(self.workdir, "sctir"))
+    storage.makedirs(out)
+    log.info("SC-TIR on %d held-out problems x %d traces, %d rounds", len(eval_set), s.samples, s.rounds)
+    backend = {"kind": "training", "workdir": self.workdir, "step": self.step, "mesh": dict(self.mesh.shape)}
+    summary = write_evaluation(eval_set, sampler, self.tokenizer, cfg, out, backend)
+    m = summary["metrics"]
+    return {"dir": str(out), "num_problems": m["num_problems"], "n": m["n"], "maj_at_n": m["maj_at"][m["n"]],
+            "mean_at_1": m["mean_at_1"], "no_answer_rate": m["no_answer_rate"],
+            "tool_calls_per_trace": m["tool_calls_per_trace"]}
 
   def _nonfinite_message(self, e: _NonFinite) -> str:
     last = self.mgr.latest_step()

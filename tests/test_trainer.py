@@ -188,6 +188,7 @@ def test_every_cli_loads_a_config_the_same_way():
     ("microbatch_size", 5, "config.microbatch_size: 5 does not divide global_batch_size 32"),
     ("model.moe_kernel", "fast", "config.model.moe_kernel: 'fast' is not one of"),
     ("model.moe_capacity_factor", -1.0, "config.model.moe_capacity_factor: must be >= 0"),
+    ("sctir.samples", 0, "config.sctir.samples: must be an integer >= 1"),
     ("model.loss_chunk", 384, "config.model.loss_chunk: 384 does not divide seq_len 2048"),
 ])
 def test_bad_values_are_named(field, value, msg):
@@ -271,3 +272,35 @@ def test_metric_writer_drops_lines_logged_past_the_resume_step(tmp_path):
   w.close()
   assert [(r["step"], r.get("loss", r.get("eval_loss"))) for r in read_metrics(str(tmp_path))] == [
       (1, 1.0), (2, 2.0), (3, 3.0), (3, 0.5), (4, 40.0)]
+
+
+def test_a_stage_ends_with_sctir_on_its_held_out_problems(tmp_path):
+  """The demo's last step, through the CLI: real sampling of the trained model and real sandboxed python on the
+  rows the run held out, written by the evaluation CLI's code."""
+  from numina_jax.data.pipeline import held_out_rows
+  from numina_jax.eval.datasets import held_out_set
+  cfg = base_config()
+  cfg.data.dataset_name = "sample:tir"
+  (spec, rows), = held_out_rows(cfg.data)
+  assert len(rows) == round(0.02 * 600)  # data.eval_size of the 600 sample rows
+  s = held_out_set(cfg.data, limit=3)
+  assert [p.id for p in s.problems] == [str(i) for i in rows[:3]] and all(isinstance(p.answer, int) for p in s)
+
+  wd = tmp_path / "run"
+  res = subprocess.run(_cli(wd, "--config.max_steps=2", "--config.seq_len=512", "--config.data.dataset_name=sample:tir",
+                            "--config.stage=tir",
+                            "--config.sctir.at_end=True", "--config.sctir.limit=3", "--config.sctir.samples=2",
+                            "--config.sctir.max_tokens_per_round=16", "--config.sctir.max_len=512"),
+                       cwd=REPO, env={k: v for k, v in {**os.environ, "JAX_PLATFORMS": "cpu"}.items()
+                                      if k != "XLA_FLAGS"}, capture_output=True, text=True, timeout=900)
+  assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+  summary = json.loads((wd / "sctir" / "summary.json").read_text())
+  assert summary["set"]["problems"] == 3 and summary["backend"]["kind"] == "training"
+  assert summary["backend"]["step"] == 2 and summary["config"]["samples"] == 2
+  traces = [json.loads(line) for line in open(wd / "sctir" / "traces.jsonl")]
+  assert sorted({t["problem"] for t in traces}) == sorted(str(i) for i in rows[:3]) and len(traces) == 6
+  assert all(0 < t["generated_tokens"] <= 2 * 16 for t in traces)
+  assert (wd / "sctir" / "maj_at_k.png").stat().st_size > 0
+  assert "3 problems x 2 traces" in res.stdout and "sctir:" in res.stdout
+  run_summary = json.loads((wd / "summary.json").read_text())
+  assert run_summary["sctir"]["num_problems"] == 3

@@ -35,7 +35,7 @@ import numpy as np
 from numina_jax.data import config as data_config
 from numina_jax.data import packing
 from numina_jax.data.harmony.options import RenderOptions
-from numina_jax.data.sources import eval_source_spec, open_source, source_specs
+from numina_jax.data.sources import SourceSpec, eval_source_spec, open_source, source_specs
 from numina_jax.data.tokenized import TokenizedSource, config_key, default_cache_dir, stable_int, tokenize_shards
 
 STATE_VERSION = 2
@@ -125,6 +125,21 @@ def _held_out(name: str, num_rows: int, count: int, eval_seed: int) -> np.ndarra
   eval set is the same on every host and stays put when the mixture, the shuffle seed or the batch size change."""
   perm = np.random.default_rng([eval_seed, stable_int(name, num_rows)]).permutation(num_rows)
   return perm < count
+
+
+def held_out_rows(data_cfg) -> list[tuple[SourceSpec, np.ndarray]]:
+  """The held-out eval rows of every train source (row indices in file order), as the pipeline holds them out: for
+  evaluating on problems the run never trained on. With data.eval_dataset_name there are none (that source is the
+  eval set)."""
+  if eval_source_spec(data_cfg) is not None:
+    return []
+  specs = source_specs(data_cfg)
+  opened = [open_source(spec) for spec in specs]
+  sizes = [src.num_rows for src in opened]
+  counts = _held_out_counts(sizes, float(data_config.get(data_cfg, "eval_size")))
+  eval_seed = int(data_config.get(data_cfg, "eval_seed"))
+  return [(spec, np.flatnonzero(_held_out(src.name, n, int(c), eval_seed)))
+          for spec, src, n, c in zip(specs, opened, sizes, counts)]
 
 
 # -- preparing: this host's shards, then the global counts -------------------------------------------------------------

@@ -168,6 +168,18 @@ def _math_level(level: int) -> Callable[[dict, RowContext], EvalProblem | str]:
   return read
 
 
+def _read_numina(row: dict, ctx: RowContext) -> EvalProblem | str:
+  """NuminaMath rows (problem, solution): the answer is the solution's last \\boxed{}, kept when it is a plain
+  integer; the id is the row's index in the file (so a run's held-out rows can be named)."""
+  problem = _text(row, "problem", ctx)
+  boxed = extract_answer(_text(row, "solution", ctx))
+  if boxed is None:
+    return "no boxed answer"
+  if not _PLAIN_INTEGER.fullmatch(boxed.strip()):
+    return "non-integer answer"
+  return EvalProblem(str(ctx.index), problem, int(boxed.strip()), {"row": ctx.index})
+
+
 def _read_math500(row: dict, ctx: RowContext) -> EvalProblem | str:
   answer = row.get("answer")
   if isinstance(answer, int) and not isinstance(answer, bool):
@@ -196,6 +208,9 @@ SETS: dict[str, SetSpec] = {
                        "MATH test level 4 with plain-integer answers (744 of 1214 in the 5000-problem test set)"),
     "math_l5": SetSpec(None, "test", Grader("integer"), _math_level(5),
                        "MATH test level 5 with plain-integer answers (719 of 1324 in the 5000-problem test set)"),
+    "numina": SetSpec(None, "train", Grader("integer"), _read_numina,
+                      "NuminaMath-format rows (problem, solution with a \\boxed{} integer), e.g. sample:tir; ids are "
+                      "row indices"),
     "math500": SetSpec("HuggingFaceH4/MATH-500", "test", Grader("math"), _read_math500,
                        "OpenAI's 500-problem MATH split, every answer, graded with math-verify"),
 }
@@ -266,6 +281,29 @@ def load_eval_set(name: str, *, path: str | None = None, split: str | None = Non
     seen[result.id] = index
     items.append(result)
   return EvalSet(name, rows.name, tuple(_select(items, name, limit, problems)), spec.grader, dict(excluded), count)
+
+
+def held_out_set(data_cfg, limit: int | None = None) -> EvalSet:
+  """The problems a training run held out of its NuminaMath-format train sources (data.eval_size), as the "numina"
+  set: what the trainer's SC-TIR at the end of a stage evaluates. Rows whose answer is not a boxed integer are left
+  out (counted in `excluded`); `limit` keeps the first N."""
+  from numina_jax.data.pipeline import held_out_rows  # the data pipeline (grain) only for this set
+  parts = [(spec, rows) for spec, rows in held_out_rows(data_cfg) if len(rows)]
+  if not parts:
+    raise ValueError("no held-out rows to evaluate: set data.eval_size > 0 (and no data.eval_dataset_name)")
+  problems, excluded, sources, count = [], Counter(), [], 0
+  for spec, rows in parts:
+    full = load_eval_set("numina", path=spec.name, split=spec.split)
+    by_id = {p.id: p for p in full.problems}
+    keep = [by_id[str(i)] for i in rows if str(i) in by_id]
+    if len(rows) > len(keep):
+      excluded["not a boxed integer"] += len(rows) - len(keep)
+    prefix = f"{spec.name}/" if len(parts) > 1 else ""
+    problems += [dataclasses.replace(p, id=prefix + p.id) for p in keep]
+    sources.append(full.source)
+    count += len(rows)
+  problems = problems[:limit] if limit else problems
+  return EvalSet("held-out", ", ".join(sources), tuple(problems), SETS["numina"].grader, dict(excluded), count)
 
 
 # ----------------------------------------------------------------------------------------------------------------
