@@ -23,26 +23,33 @@ def _path(directory: str) -> epath.Path:
   return storage.path(directory)
 
 
+def score(metrics: dict) -> float:
+  """How good a saved step is, higher better: its `score` (the trainer records the metric that
+  checkpoint.best_metric names: SC-TIR maj@N, or minus the eval loss), else minus its eval loss."""
+  return metrics["score"] if "score" in metrics else -metrics["eval_loss"]
+
+
 def training_manager(directory: str, *, max_to_keep: int, keep_best: int = 0,
                      async_save: bool = True) -> ocp.CheckpointManager:
-  """The manager of a training run: keeps the last `max_to_keep` steps and the `keep_best` best by eval loss."""
+  """The manager of a training run: keeps the last `max_to_keep` steps and the `keep_best` best by `score`."""
   from orbax.checkpoint import checkpoint_managers as cm
 
   policies = [cm.LatestN(n=max_to_keep)]
   if keep_best:
-    # BestN keeps the tail of the sorted list: reverse=True puts the lowest losses there.
-    policies.append(cm.BestN(get_metric_fn=lambda m: m["eval_loss"], n=keep_best, reverse=True,
+    # BestN keeps the tail of the sorted list: the highest scores.
+    policies.append(cm.BestN(get_metric_fn=score, n=keep_best, reverse=False,
                              keep_checkpoints_without_metrics=False))
   options = ocp.CheckpointManagerOptions(
       preservation_policy=cm.AnyPreservationPolicy(policies), enable_async_checkpointing=async_save,
-      best_fn=lambda m: m["eval_loss"], best_mode="min", create=True, step_prefix=None)
+      best_fn=score, best_mode="max", create=True, step_prefix=None)
   return ocp.CheckpointManager(_path(directory), options=options)
 
 
 def best_step(directory: str) -> int | None:
-  """The step with the lowest recorded eval loss; None when no step has one (callers then take the latest)."""
+  """The step with the best recorded `score` (SC-TIR maj@N or eval loss, as the run's checkpoint.best_metric
+  chose); None when no step has one (callers then take the latest)."""
   mgr = ocp.CheckpointManager(_path(directory), options=ocp.CheckpointManagerOptions(
-      create=False, best_fn=lambda m: m["eval_loss"], best_mode="min"))
+      create=False, best_fn=score, best_mode="max"))
   try:
     return mgr.best_step()
   finally:

@@ -102,11 +102,13 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.max_to_keep = 3  # most recent checkpoints kept
-  c.checkpoint.keep_best = 1  # best checkpoints by eval loss kept besides the recent ones
+  c.checkpoint.keep_best = 1  # best checkpoints (by best_metric) kept besides the recent ones
+  c.checkpoint.best_metric = "eval_loss"  # eval_loss (lowest) | sctir_maj (highest SC-TIR maj@N; sctir.every_steps)
   c.checkpoint.async_save = True  # write checkpoints in the background
 
   c.sctir = ml_collections.ConfigDict()
   c.sctir.at_end = False  # after the stage, SC-TIR (JAX sampler, sandboxed python) on its held-out problems
+  c.sctir.every_steps = 0  # also every N steps during training (and at the end), logged as sctir_*; 0 = off
   c.sctir.limit = 8  # held-out problems evaluated (the first N of data.eval_size's rows); 0 = all
   c.sctir.samples = 4  # traces per problem, the majority vote's N
   c.sctir.rounds = 2  # sampling rounds per trace; every round but the last may end in a python call
@@ -256,9 +258,16 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
       need(d[f] == unset, f"distributed.{f}", "is set but config.multihost is False; add --config.multihost=True")
   validate_data_config(cfg.data)
   s = cfg.sctir
-  for f, lo in (("limit", 0), ("samples", 1), ("rounds", 1), ("max_tokens_per_round", 1), ("max_len", 64)):
+  for f, lo in (("limit", 0), ("samples", 1), ("rounds", 1), ("max_tokens_per_round", 1), ("max_len", 64),
+                ("every_steps", 0)):
     need(isinstance(s[f], int) and s[f] >= lo, f"sctir.{f}", f"must be an integer >= {lo}, got {s[f]!r}")
   need(s.temperature > 0 or s.samples == 1, "sctir.temperature", "must be > 0 (or sctir.samples 1 for greedy)")
+  need(cfg.checkpoint.best_metric in ("eval_loss", "sctir_maj"), "checkpoint.best_metric",
+       f"{cfg.checkpoint.best_metric!r} is not one of eval_loss, sctir_maj")
+  need(cfg.checkpoint.best_metric != "sctir_maj" or s.every_steps > 0, "checkpoint.best_metric",
+       "sctir_maj needs SC-TIR during training: set sctir.every_steps > 0")
+  need(not (s.every_steps and cfg.multihost), "sctir.every_steps",
+       "runs on one host (its sandbox is not shared between hosts yet)")
   need(not (s.at_end and cfg.multihost), "sctir.at_end",
        "runs on one host (its sandbox is not shared between hosts yet); evaluate a multi-host run's export with "
        "python -m numina_jax.evaluate")

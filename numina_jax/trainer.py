@@ -31,11 +31,15 @@ from numina_jax import config as config_lib
 from numina_jax import distributed
 from numina_jax import storage
 from numina_jax.data.packing import BATCH_KEYS
+from numina_jax.eval.datasets import held_out_set
+from numina_jax.eval.report import write_evaluation
+from numina_jax.eval.sctir import SCTIRConfig
 from numina_jax.metrics import MetricWriter, flops_per_token, peak_flops_per_device, plot_metrics
 from numina_jax.model.params import init_params, param_specs
 from numina_jax.model.transformer import as_dtype
 from numina_jax.optim import make_optimizer
 from numina_jax.progress import Progress
+from numina_jax.sampling.jax_sampler import JaxSampler
 from numina_jax.sharding import make_mesh, opt_state_shardings, param_shardings
 from numina_jax.step import (CHECKPOINT_DUE, NUM_FLAGS, STOP, StepConfig, batch_shardings, host_flags_sharding,
                              jit_eval_step, jit_train_step)
@@ -227,6 +231,8 @@ class Trainer:
     self.agreed = Agreed()
     self.last_record: dict[str, Any] | None = None
     self.eval_loss: float | None = None
+    self.sctir_maj: float | None = None  # SC-TIR maj@N of the latest sctir.every_steps evaluation
+    self._sctir_setup = None  # (eval set, SCTIRConfig, JaxSampler), built at the first SC-TIR
     self.writer: MetricWriter | None = None
     self.progress: Progress | None = None
     self.signals: HostSignals | None = None
@@ -294,6 +300,8 @@ class Trainer:
         self._read()  # never save a state whose step was not checked
         if "eval" in reasons:
           self.eval_loss = self.evaluate(self.step)
+        if "sctir" in reasons:
+          self.sctir_maj = self.sctir_eval(self.step)
         self.save(self.step, reasons)
         if "stop" in reasons:
           return True
@@ -304,6 +312,8 @@ class Trainer:
     cfg, reasons = self.cfg, []
     if self.eval_batches and cfg.eval_every_steps and step % cfg.eval_every_steps == 0:
       reasons.append("eval")
+    if cfg.sctir.every_steps and step % cfg.sctir.every_steps == 0:
+      reasons.append("sctir")
     if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0:
       reasons.append(f"every {cfg.checkpoint_every_steps} steps")
     # A flag raised before the last save is stale: that save already answered it.
@@ -318,6 +328,8 @@ class Trainer:
     trained = self.step > self.start_step
     if self.eval_batches:
       self.eval_loss = self.evaluate(self.step, write=trained)
+    if self.cfg.sctir.every_steps and self.last_saved_step != self.step:
+      self.sctir_maj = self.sctir_eval(self.step, write=trained)
     if self.last_saved_step != self.step:
       self.save(self.step, ["end"])
 
@@ -374,12 +386,19 @@ class Trainer:
     meta = {"step": step, "data_state": self.train_it.get_state(), "config": self.cfg.to_json(),
             "total_steps": self.total_steps}
     with_eval = "eval" in reasons or (reasons == ["end"] and self.eval_batches)
+    with_sctir = "sctir" in reasons or (reasons == ["end"] and self.cfg.sctir.every_steps)
+    metrics = {}  # what `checkpoint.score` ranks the steps by: only steps where best_metric was measured
+    if self.cfg.checkpoint.best_metric == "sctir_maj":
+      if with_sctir:
+        metrics = {"sctir_maj": self.sctir_maj, "score": self.sctir_maj}
+    elif with_eval:
+      metrics = {"eval_loss": self.eval_loss, "score": -self.eval_loss}
     self.mgr.save(step, args=ocp.args.Composite(**{
         ckpt.PARAMS: ocp.args.StandardSave(self.state["params"]),
         ckpt.OPT_STATE: ocp.args.StandardSave(self.state["opt_state"]),
         ckpt.MODEL_CONFIG: ocp.args.JsonSave(self.model_cfg.to_hf_dict()),
         ckpt.TRAIN_META: ocp.args.JsonSave(meta),
-    }), metrics={"eval_loss": self.eval_loss} if with_eval else None, force=True)
+    }), metrics=metrics or None, force=True)
     self.writer.flush()  # on gs:// metrics.jsonl is rewritten whole, not appended: keep it in step with checkpoints
     self.last_saved_step = step
     self.signals.saved()
@@ -410,33 +429,44 @@ class Trainer:
                         tokenizer=self.tokenizer, overwrite=True, progress=self.progress.interactive)
         result["hf_export"] = out
       if self.cfg.sctir.at_end:
-        result["sctir"] = self._sctir()
+        result["sctir"] = self._sctir(storage.join(self.workdir, "sctir"), echo=self.is_main)
     self.writer.write_summary(result)
     return result
 
-  def _sctir(self) -> dict[str, Any]:
-    """SC-TIR on the stage's held-out problems with the live parameters, written to workdir/sctir/ by the same
-    code as `python -m numina_jax.evaluate`; returns the metrics."""
-    from numina_jax.eval.datasets import held_out_set
-    from numina_jax.eval.sctir import SCTIRConfig
-    from numina_jax.evaluate import write_evaluation
-    from numina_jax.sampling.jax_sampler import JaxSampler
+  def _sctir(self, out_dir: str, *, echo: bool) -> dict[str, Any]:
+    """SC-TIR on the stage's held-out problems with the live parameters, written to `out_dir` by the same code as
+    `python -m numina_jax.evaluate`; returns the headline metrics. One sampler per run: its compiled programs
+    take the parameters as an argument."""
     s = self.cfg.sctir
-    eval_set = held_out_set(self.cfg.data, limit=s.limit or None)
-    cfg = SCTIRConfig(samples=s.samples, rounds=s.rounds, temperature=s.temperature, seed=s.seed,
-                      max_tokens_per_round=s.max_tokens_per_round, max_context=s.max_len)
-    sampler = JaxSampler(self.state["params"], self.model_cfg, mesh=self.mesh, max_len=s.max_len,
-                         max_batch=max(1, min(len(eval_set), cfg.concurrent_problems)) * s.samples,
-                         moe_kernel=self.cfg.model.moe_kernel, progress=False)
-    out = storage.path(storage.join(self.workdir, "sctir"))
+    if self._sctir_setup is None:
+      eval_set = held_out_set(self.cfg.data, limit=s.limit or None)
+      cfg = SCTIRConfig(samples=s.samples, rounds=s.rounds, temperature=s.temperature, seed=s.seed,
+                        max_tokens_per_round=s.max_tokens_per_round, max_context=s.max_len)
+      sampler = JaxSampler(self.state["params"], self.model_cfg, mesh=self.mesh, max_len=s.max_len,
+                           max_batch=max(1, min(len(eval_set), cfg.concurrent_problems)) * s.samples,
+                           moe_kernel=self.cfg.model.moe_kernel, progress=False)
+      self._sctir_setup = (eval_set, cfg, sampler)
+    eval_set, cfg, sampler = self._sctir_setup
+    sampler.params = self.state["params"]
+    out = storage.path(out_dir)
     storage.makedirs(out)
-    log.info("SC-TIR on %d held-out problems x %d traces, %d rounds", len(eval_set), s.samples, s.rounds)
+    log.info("SC-TIR at step %d: %d held-out problems x %d traces, %d rounds", self.step, len(eval_set), s.samples,
+             s.rounds)
     backend = {"kind": "training", "workdir": self.workdir, "step": self.step, "mesh": dict(self.mesh.shape)}
-    summary = write_evaluation(eval_set, sampler, self.tokenizer, cfg, out, backend)
-    m = summary["metrics"]
+    m = write_evaluation(eval_set, sampler, self.tokenizer, cfg, out, backend, echo=echo)["metrics"]
     return {"dir": str(out), "num_problems": m["num_problems"], "n": m["n"], "maj_at_n": m["maj_at"][m["n"]],
             "mean_at_1": m["mean_at_1"], "no_answer_rate": m["no_answer_rate"],
             "tool_calls_per_trace": m["tool_calls_per_trace"]}
+
+  def sctir_eval(self, step: int, write: bool = True) -> float:
+    """SC-TIR during training (sctir.every_steps): metrics.jsonl gets sctir_maj, sctir_mean1, ...; returns maj@N."""
+    r = self._sctir(storage.join(self.workdir, "sctir", f"step_{step}"), echo=False)
+    if write:
+      self.writer.write(step, {"step": step, "sctir_maj": r["maj_at_n"], "sctir_mean1": r["mean_at_1"],
+                               "sctir_no_answer": r["no_answer_rate"], "sctir_tool_calls": r["tool_calls_per_trace"]})
+    log.info("step %d: SC-TIR maj@%d %.1f%%, mean@1 %.1f%% on %d held-out problems", step, r["n"],
+             100 * r["maj_at_n"], 100 * r["mean_at_1"], r["num_problems"])
+    return r["maj_at_n"]
 
   def _nonfinite_message(self, e: _NonFinite) -> str:
     last = self.mgr.latest_step()

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from numina_jax.checkpoint import latest_step, load_params
+from numina_jax.checkpoint import latest_step, load_params, training_manager
 from numina_jax.config import base_config, check_overrides, validate
 from numina_jax.trainer import NAN_AT_STEP_ENV, NonFiniteLossError, train
 
@@ -189,6 +189,7 @@ def test_every_cli_loads_a_config_the_same_way():
     ("model.moe_kernel", "fast", "config.model.moe_kernel: 'fast' is not one of"),
     ("model.moe_capacity_factor", -1.0, "config.model.moe_capacity_factor: must be >= 0"),
     ("sctir.samples", 0, "config.sctir.samples: must be an integer >= 1"),
+    ("checkpoint.best_metric", "sctir_maj", "config.checkpoint.best_metric: sctir_maj needs SC-TIR during training"),
     ("model.loss_chunk", 384, "config.model.loss_chunk: 384 does not divide seq_len 2048"),
 ])
 def test_bad_values_are_named(field, value, msg):
@@ -290,6 +291,7 @@ def test_a_stage_ends_with_sctir_on_its_held_out_problems(tmp_path):
   res = subprocess.run(_cli(wd, "--config.max_steps=2", "--config.seq_len=512", "--config.data.dataset_name=sample:tir",
                             "--config.stage=tir",
                             "--config.sctir.at_end=True", "--config.sctir.limit=3", "--config.sctir.samples=2",
+                            "--config.sctir.every_steps=1", "--config.checkpoint.best_metric=sctir_maj",
                             "--config.sctir.max_tokens_per_round=16", "--config.sctir.max_len=512"),
                        cwd=REPO, env={k: v for k, v in {**os.environ, "JAX_PLATFORMS": "cpu"}.items()
                                       if k != "XLA_FLAGS"}, capture_output=True, text=True, timeout=900)
@@ -304,3 +306,36 @@ def test_a_stage_ends_with_sctir_on_its_held_out_problems(tmp_path):
   assert "3 problems x 2 traces" in res.stdout and "sctir:" in res.stdout
   run_summary = json.loads((wd / "summary.json").read_text())
   assert run_summary["sctir"]["num_problems"] == 3
+  # During training (sctir.every_steps=1): logged like the eval loss, and the checkpoints ranked by it.
+  rows = [json.loads(line) for line in open(wd / "metrics.jsonl")]
+  sctir_rows = {r["step"]: r for r in rows if "sctir_maj" in r}
+  assert sorted(sctir_rows) == [1, 2] and all(0 <= r["sctir_maj"] <= 1 for r in sctir_rows.values())
+  assert (wd / "sctir" / "step_1" / "summary.json").exists() and (wd / "sctir" / "step_2" / "summary.json").exists()
+  mgr = training_manager(str(wd / "checkpoints"), max_to_keep=3)
+  recorded = {s: mgr.metrics(s) for s in mgr.all_steps()}
+  mgr.close()
+  assert {s: m["sctir_maj"] for s, m in recorded.items() if m} == {s: r["sctir_maj"] for s, r in sctir_rows.items()}
+
+
+def test_the_best_checkpoint_follows_the_recorded_score(tmp_path):
+  """checkpoint.score ranks steps: SC-TIR maj@N (higher better) when the run chose it, else minus the eval loss;
+  BestN keeps the best and best_step() (what a next stage starts from) names it."""
+  import orbax.checkpoint as ocp
+  from numina_jax.checkpoint import best_step
+  d = str(tmp_path / "ckpt")
+  mgr = training_manager(d, max_to_keep=1, keep_best=1, async_save=False)
+  for step, metrics in ((1, {"sctir_maj": 0.5, "score": 0.5}), (2, {"sctir_maj": 0.75, "score": 0.75}),
+                        (3, None), (4, {"sctir_maj": 0.25, "score": 0.25})):
+    mgr.save(step, args=ocp.args.Composite(x=ocp.args.JsonSave({"step": step})), metrics=metrics, force=True)
+  mgr.wait_until_finished()
+  assert sorted(mgr.all_steps()) == [2, 4]  # the best (0.75) and the latest
+  mgr.close()
+  assert best_step(d) == 2
+  d2 = str(tmp_path / "old")  # a run that recorded only eval losses: the lowest wins
+  mgr = training_manager(d2, max_to_keep=1, keep_best=1, async_save=False)
+  for step, loss in ((1, 2.0), (2, 1.5), (3, 1.7)):
+    mgr.save(step, args=ocp.args.Composite(x=ocp.args.JsonSave({})), metrics={"eval_loss": loss}, force=True)
+  mgr.wait_until_finished()
+  assert sorted(mgr.all_steps()) == [2, 3]
+  mgr.close()
+  assert best_step(d2) == 2
