@@ -354,3 +354,31 @@ def vllm_export_stub(tmp_path):
   (tmp_path / "model").mkdir()
   (tmp_path / "model" / "config.json").write_text("{}")
   return tmp_path / "model"
+
+
+@pytest.mark.slow
+def test_greedy_sctir_traces_through_vllm_equal_the_jax_samplers(vllm_served, sampler):
+  """The same SC-TIR run (greedy, harmony prompts, rounds, the real sandbox) through vLLM and through our JAX
+  sampler on the same weights gives the same traces, token for token, with the same finishes and answers. (A random
+  model writes no well-formed python call, so this holds the prompts, the rounds' stop handling and decoding; the
+  tool path is held by tests/test_eval_sctir.py.)"""
+  from numina_jax.eval.datasets import EvalProblem
+  from numina_jax.eval.grading import Grader
+  from numina_jax.eval.sctir import SCTIRConfig, run_sctir
+  from numina_jax.sampling.jax_sampler import JaxSampler
+
+  problems = [EvalProblem(str(i), text, answer) for i, (text, answer) in enumerate(
+      [("Compute 2 + 3.", 5), ("What is 7 times 6?", 42), ("How many primes are below 20?", 8)])]
+  cfg = SCTIRConfig(samples=1, rounds=2, temperature=0.0, max_tokens_per_round=12, max_context=vllm_fixtures.MAX_MODEL_LEN)
+  grader = Grader("integer")
+  tok = vllm_served.tokenizer
+  ours = JaxSampler(vllm_served.params, vllm_served.cfg, max_len=vllm_fixtures.MAX_MODEL_LEN, max_batch=4,
+                    progress=False)
+  by_vllm = run_sctir(problems, sampler, tok, grader, cfg)
+  by_jax = run_sctir(problems, ours, tok, grader, cfg)
+  assert [r.id for r in by_vllm] == [r.id for r in by_jax] == ["0", "1", "2"]
+  for a, b in zip(by_vllm, by_jax):
+    (ta,), (tb,) = a.traces, b.traces
+    assert ta.generated_tokens > 0
+    assert list(ta.token_ids) == list(tb.token_ids), a.id
+    assert (ta.finish, ta.answer, len(ta.rounds)) == (tb.finish, tb.answer, len(tb.rounds)), a.id
