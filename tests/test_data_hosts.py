@@ -6,18 +6,17 @@ host must tokenize only its own share of the rows, on its own disk.
 
 import json
 import logging
-import os
 import socket
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from numina_jax.data import BATCH_KEYS, BadRowError, default_data_config, demo_tokenizer, make_pipeline
 from numina_jax.data.tokenized import row_shards
+from multihost import cpu_env
 
 SEQ = 512
 B = 8  # global batch: 8 row slots
@@ -261,8 +260,7 @@ def test_two_processes_with_jax_process_allgather(tok, tmp_path):
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-         "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+  env = cpu_env(4)
   procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(port), str(p),
                              json.dumps({**flat, "cache_dir": str(tmp_path / f"host{p}")}), str(tmp_path / f"{p}.npz")],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for p in range(2)]

@@ -4,7 +4,6 @@ matches transformers' own save_pretrained."""
 import json
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402

@@ -1,10 +1,6 @@
 """Loading HF gpt-oss checkpoints (dense, and the real MXFP4 layout) against transformers, with and without a
 device mesh."""
 
-import os
-
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -19,6 +15,7 @@ from numina_jax.hf.load import (SafetensorsCheckpoint, _writer, load_pretrained,
 from numina_jax.model.config import GptOssConfig  # noqa: E402
 from numina_jax.model.params import param_specs  # noqa: E402
 from numina_jax.sharding import make_mesh, param_shardings  # noqa: E402
+from multihost import cpu_env  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 
@@ -214,9 +211,7 @@ def test_two_hosts_load_their_shards_in_pieces(quantized, tmp_path):
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             PYTHONPATH=f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+  env = cpu_env(4)
   hosts = [subprocess.Popen([sys.executable, "-c", HOST, f"127.0.0.1:{port}", str(i), path,
                              str(tmp_path / f"host{i}.pkl")], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in (0, 1)]

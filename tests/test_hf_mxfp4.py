@@ -1,8 +1,5 @@
 """MXFP4 decoding against hand-computed values and transformers' own dequantizer; windows; the encoder."""
 
-import os
-
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

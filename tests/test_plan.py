@@ -1,8 +1,5 @@
 """The ahead-of-time plan compiles the real train step on sharded abstract inputs and accounts memory."""
 
-import os
-
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

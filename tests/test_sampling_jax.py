@@ -15,6 +15,7 @@ from numina_jax.model import forward
 from numina_jax.sampling import JaxSampler, SamplingParams
 from numina_jax.sampling.jax_sampler import select_tokens
 from numina_jax.sampling.kv_cache import init_cache, extend
+from multihost import cpu_env  # noqa: E402
 
 MAX_LEN = 64
 # Prompt lengths straddle the sliding window (7): shorter, equal, longer, and longer than the prefill chunk (16).
@@ -284,8 +285,8 @@ def test_two_hosts_agree(tmp_path):
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
   here = os.path.dirname(os.path.abspath(__file__))
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
-         "PYTHONPATH": os.pathsep.join([os.path.dirname(here), here, os.environ.get("PYTHONPATH", "")])}
+  env = cpu_env(4)
+  env["PYTHONPATH"] = os.pathsep.join([here, env["PYTHONPATH"]])
   procs = [subprocess.Popen([sys.executable, worker.__file__, str(port), str(i), str(tmp_path / f"{i}.json")],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
   try:

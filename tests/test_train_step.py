@@ -1,8 +1,5 @@
 """The train step: golden values, learning, microbatching, packing invariance, and sharded == one device."""
 
-import os
-
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
