@@ -20,10 +20,10 @@ from tqdm.auto import tqdm
 
 from numina_jax import storage
 from numina_jax.hf import keymap
+from numina_jax.hf.load import INDEX_FILE
 from numina_jax.model.config import GptOssConfig
 from numina_jax.model.params import param_specs
 
-INDEX_FILE = "model.safetensors.index.json"
 _ST_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 _CHUNK_BYTES = 256 << 20  # host staging per write for the big tensors (experts, embeddings)
 
