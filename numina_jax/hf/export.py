@@ -32,13 +32,6 @@ REAL_VOCAB_SIZE = 201088
 REAL_GENERATION_CONFIG = {"bos_token_id": 199998, "do_sample": True,
                           "eos_token_id": [200002, 199999, 200012], "pad_token_id": 199999}
 
-# For tensors streamed in pieces: which axis of our (per-layer) source array becomes the HF tensor's axis 0.
-_P = "model.layers.{i}."
-_ROW_AXIS = {"model.embed_tokens.weight": 0, "lm_head.weight": 1, _P + "mlp.experts.gate_up_proj": 0,
-             _P + "mlp.experts.gate_up_proj_bias": 0, _P + "mlp.experts.down_proj": 0,
-             _P + "mlp.experts.down_proj_bias": 0}
-
-
 def parse_size(size: int | str) -> int:
   """'5GB' -> 5e9 bytes (decimal units as transformers uses; 'GiB' etc. are binary)."""
   if isinstance(size, int):
@@ -98,19 +91,21 @@ def _hf_chunks(params: Mapping[str, Any], cfg: GptOssConfig, entry: keymap.Entry
   sources = [params[prefix + t] for t in entry.targets]
   lead = (layer,) if entry.per_layer else ()
   hf_shape = tuple(entry.hf_shape(cfg))
-  axis = _ROW_AXIS.get(entry.hf_name)
-  row_bytes = int(np.prod(hf_shape[1:])) * np_dtype.itemsize if hf_shape else 0
-  if axis is None or row_bytes * hf_shape[0] <= _CHUNK_BYTES:
+  axis = entry.row_axis
+  n_ours = sources[0].shape[len(lead) + axis]
+  per = entry.rows_per_index(cfg)  # HF rows per index of our row axis (head_dim where heads are flattened)
+  row_bytes = int(np.prod(hf_shape[1:])) * np_dtype.itemsize * per
+  if row_bytes * n_ours <= _CHUNK_BYTES:
     parts = tuple(_fetch(s, lead, np_dtype) for s in sources)
     yield keymap.ours_to_hf({prefix + t: p for t, p in zip(entry.targets, parts)}, cfg, layer, entry)
     return
   step = max(1, _CHUNK_BYTES // row_bytes)
-  for r0 in range(0, hf_shape[0], step):
-    r1 = min(r0 + step, hf_shape[0])
+  for r0 in range(0, n_ours, step):
+    r1 = min(r0 + step, n_ours)
     index = lead + (slice(None),) * axis + (slice(r0, r1),)
     parts = tuple(_fetch(s, index, np_dtype) for s in sources)
     out = entry.to_hf(parts, cfg)
-    assert tuple(out.shape) == (r1 - r0, *hf_shape[1:]), (entry.hf_name, out.shape, hf_shape)
+    assert tuple(out.shape) == ((r1 - r0) * per, *hf_shape[1:]), (entry.hf_name, out.shape, hf_shape)
     yield np.ascontiguousarray(out)
 
 

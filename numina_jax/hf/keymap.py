@@ -17,52 +17,104 @@ import numpy as np
 from numina_jax.model.config import GptOssConfig
 
 
+# How an HF tensor's axes map to ours. Each layout names its two transforms and its row axis: the axis of our
+# (per-layer) array that runs along the HF tensor's axis 0, so a range of it is one contiguous run of the file. The
+# loader's windowed readers (`load.WINDOWS`) and the exporter's streaming follow the layout, never the tensor name.
+def _same_to_ours(w, c):
+  return (w,)
+
+
+def _same_to_hf(ws, c):
+  return ws[0]
+
+
+def _transposed_to_ours(w, c):  # HF Linear [out, in] -> ours [in, out]
+  return (w.T,)
+
+
+def _transposed_to_hf(ws, c):
+  return ws[0].T
+
+
+def _heads_in_to_ours(w, c):  # HF [n*H, D] -> ours [D, n, H]
+  return (w.T.reshape(w.shape[1], -1, c.head_dim),)
+
+
+def _heads_in_to_hf(ws, c):
+  return ws[0].reshape(ws[0].shape[0], -1).T
+
+
+def _heads_bias_to_ours(b, c):  # HF [n*H] -> ours [n, H]
+  return (b.reshape(-1, c.head_dim),)
+
+
+def _heads_bias_to_hf(bs, c):
+  return bs[0].reshape(-1)
+
+
+def _heads_out_to_ours(w, c):  # HF [D, N*H] -> ours [N, H, D]
+  return (w.T.reshape(-1, c.head_dim, w.shape[0]),)
+
+
+def _heads_out_to_hf(ws, c):
+  return ws[0].reshape(-1, ws[0].shape[-1]).T
+
+
+def _interleaved_to_ours(w, c):  # HF [..., 2I] interleaved (2j gate, 2j+1 up) -> ours gate, up [..., I]
+  return w[..., 0::2], w[..., 1::2]
+
+
+def _interleaved_to_hf(ws, c):
+  gate, up = ws
+  return np.stack([gate, up], axis=-1).reshape(*gate.shape[:-1], -1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  to_ours: Callable[[np.ndarray, GptOssConfig], tuple[np.ndarray, ...]]
+  to_hf: Callable[[tuple[np.ndarray, ...], GptOssConfig], np.ndarray]
+  row_axis: int             # our (per-layer) axis that runs along HF axis 0
+  rows_per_index: str = ""  # config attribute: HF rows per index of that axis ("" for 1)
+
+
+LAYOUTS: dict[str, Layout] = {
+    "same": Layout(_same_to_ours, _same_to_hf, 0),
+    "transposed": Layout(_transposed_to_ours, _transposed_to_hf, 1),
+    "heads_in": Layout(_heads_in_to_ours, _heads_in_to_hf, 1, "head_dim"),
+    "heads_bias": Layout(_heads_bias_to_ours, _heads_bias_to_hf, 0, "head_dim"),
+    "heads_out": Layout(_heads_out_to_ours, _heads_out_to_hf, 2),
+    "interleaved": Layout(_interleaved_to_ours, _interleaved_to_hf, 0),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class Entry:
   """How one HF tensor becomes one or more of our parameters (for one layer, or a global tensor)."""
   hf_name: str                 # with `{i}` for the layer index
   targets: tuple[str, ...]     # our parameter names (per-layer ones without the `layers/` prefix)
   hf_shape: Callable[[GptOssConfig], tuple[int, ...]]
-  to_ours: Callable[[np.ndarray, GptOssConfig], tuple[np.ndarray, ...]]
-  to_hf: Callable[[tuple[np.ndarray, ...], GptOssConfig], np.ndarray]
+  layout: str                  # a key of LAYOUTS
   per_layer: bool = True
 
+  def __post_init__(self):
+    if self.layout not in LAYOUTS:
+      raise ValueError(f"{self.hf_name}: unknown layout {self.layout!r}; one of {sorted(LAYOUTS)}")
 
-def _lin_in(n_out_heads: str):
-  """HF Linear [heads*H, D] <-> ours [D, heads, H]."""
-  def to_ours(w, c):
-    n = getattr(c, n_out_heads)
-    return (w.T.reshape(c.hidden_size, n, c.head_dim),)
+  def to_ours(self, w: np.ndarray, cfg: GptOssConfig) -> tuple[np.ndarray, ...]:
+    return LAYOUTS[self.layout].to_ours(w, cfg)
 
-  def to_hf(ws, c):
-    (w,) = ws
-    return w.reshape(c.hidden_size, -1).T
-  return to_ours, to_hf
+  def to_hf(self, ws: tuple[np.ndarray, ...], cfg: GptOssConfig) -> np.ndarray:
+    return LAYOUTS[self.layout].to_hf(ws, cfg)
 
+  @property
+  def row_axis(self) -> int:
+    """The axis of our (per-layer) parameter that runs along the HF tensor's axis 0."""
+    return LAYOUTS[self.layout].row_axis
 
-def _bias_heads(n_heads: str):
-  def to_ours(b, c):
-    return (b.reshape(getattr(c, n_heads), c.head_dim),)
-  return to_ours, lambda bs, c: bs[0].reshape(-1)
-
-
-_ident = (lambda w, c: (w,), lambda ws, c: ws[0])
-_transpose = (lambda w, c: (w.T,), lambda ws, c: ws[0].T)
-
-
-def _deinterleave(axis: int):
-  def to_ours(w, c):
-    idx = [slice(None)] * w.ndim
-    idx[axis] = slice(0, None, 2)
-    gate = w[tuple(idx)]
-    idx[axis] = slice(1, None, 2)
-    return gate, w[tuple(idx)]
-
-  def to_hf(ws, c):
-    gate, up = ws
-    return np.stack([gate, up], axis=axis + 1 if axis >= 0 else axis).reshape(
-        *gate.shape[:axis % gate.ndim], -1, *gate.shape[axis % gate.ndim + 1:])
-  return to_ours, to_hf
+  def rows_per_index(self, cfg: GptOssConfig) -> int:
+    """HF rows (axis 0) per index of our `row_axis`: head_dim where HF flattens heads into rows, else 1."""
+    attr = LAYOUTS[self.layout].rows_per_index
+    return getattr(cfg, attr) if attr else 1
 
 
 def _attn_shape(n: str, bias: bool):
@@ -73,40 +125,32 @@ def _attn_shape(n: str, bias: bool):
 
 P = "model.layers.{i}."
 ENTRIES: tuple[Entry, ...] = (
-    Entry("model.embed_tokens.weight", ("embed",), lambda c: (c.vocab_size, c.hidden_size), *_ident, False),
-    Entry("model.norm.weight", ("final_norm",), lambda c: (c.hidden_size,), *_ident, False),
-    Entry("lm_head.weight", ("lm_head",), lambda c: (c.vocab_size, c.hidden_size), *_transpose, False),
-    Entry(P + "input_layernorm.weight", ("attn_norm",), lambda c: (c.hidden_size,), *_ident),
-    Entry(P + "post_attention_layernorm.weight", ("mlp_norm",), lambda c: (c.hidden_size,), *_ident),
-    Entry(P + "self_attn.q_proj.weight", ("q_w",), _attn_shape("num_attention_heads", False),
-          *_lin_in("num_attention_heads")),
-    Entry(P + "self_attn.q_proj.bias", ("q_b",), _attn_shape("num_attention_heads", True),
-          *_bias_heads("num_attention_heads")),
-    Entry(P + "self_attn.k_proj.weight", ("k_w",), _attn_shape("num_key_value_heads", False),
-          *_lin_in("num_key_value_heads")),
-    Entry(P + "self_attn.k_proj.bias", ("k_b",), _attn_shape("num_key_value_heads", True),
-          *_bias_heads("num_key_value_heads")),
-    Entry(P + "self_attn.v_proj.weight", ("v_w",), _attn_shape("num_key_value_heads", False),
-          *_lin_in("num_key_value_heads")),
-    Entry(P + "self_attn.v_proj.bias", ("v_b",), _attn_shape("num_key_value_heads", True),
-          *_bias_heads("num_key_value_heads")),
+    Entry("model.embed_tokens.weight", ("embed",), lambda c: (c.vocab_size, c.hidden_size), "same", False),
+    Entry("model.norm.weight", ("final_norm",), lambda c: (c.hidden_size,), "same", False),
+    Entry("lm_head.weight", ("lm_head",), lambda c: (c.vocab_size, c.hidden_size), "transposed", False),
+    Entry(P + "input_layernorm.weight", ("attn_norm",), lambda c: (c.hidden_size,), "same"),
+    Entry(P + "post_attention_layernorm.weight", ("mlp_norm",), lambda c: (c.hidden_size,), "same"),
+    Entry(P + "self_attn.q_proj.weight", ("q_w",), _attn_shape("num_attention_heads", False), "heads_in"),
+    Entry(P + "self_attn.q_proj.bias", ("q_b",), _attn_shape("num_attention_heads", True), "heads_bias"),
+    Entry(P + "self_attn.k_proj.weight", ("k_w",), _attn_shape("num_key_value_heads", False), "heads_in"),
+    Entry(P + "self_attn.k_proj.bias", ("k_b",), _attn_shape("num_key_value_heads", True), "heads_bias"),
+    Entry(P + "self_attn.v_proj.weight", ("v_w",), _attn_shape("num_key_value_heads", False), "heads_in"),
+    Entry(P + "self_attn.v_proj.bias", ("v_b",), _attn_shape("num_key_value_heads", True), "heads_bias"),
     Entry(P + "self_attn.o_proj.weight", ("o_w",),
-          lambda c: (c.hidden_size, c.num_attention_heads * c.head_dim),
-          lambda w, c: (w.T.reshape(c.num_attention_heads, c.head_dim, c.hidden_size),),
-          lambda ws, c: ws[0].reshape(-1, c.hidden_size).T),
-    Entry(P + "self_attn.o_proj.bias", ("o_b",), lambda c: (c.hidden_size,), *_ident),
-    Entry(P + "self_attn.sinks", ("sinks",), lambda c: (c.num_attention_heads,), *_ident),
-    Entry(P + "mlp.router.weight", ("router_w",), lambda c: (c.num_local_experts, c.hidden_size), *_transpose),
-    Entry(P + "mlp.router.bias", ("router_b",), lambda c: (c.num_local_experts,), *_ident),
+          lambda c: (c.hidden_size, c.num_attention_heads * c.head_dim), "heads_out"),
+    Entry(P + "self_attn.o_proj.bias", ("o_b",), lambda c: (c.hidden_size,), "same"),
+    Entry(P + "self_attn.sinks", ("sinks",), lambda c: (c.num_attention_heads,), "same"),
+    Entry(P + "mlp.router.weight", ("router_w",), lambda c: (c.num_local_experts, c.hidden_size), "transposed"),
+    Entry(P + "mlp.router.bias", ("router_b",), lambda c: (c.num_local_experts,), "same"),
     # Dense expert layout ([E, in, out]) as transformers' save_pretrained writes it.
     Entry(P + "mlp.experts.gate_up_proj", ("gate_w", "up_w"),
-          lambda c: (c.num_local_experts, c.hidden_size, 2 * c.intermediate_size), *_deinterleave(-1)),
+          lambda c: (c.num_local_experts, c.hidden_size, 2 * c.intermediate_size), "interleaved"),
     Entry(P + "mlp.experts.gate_up_proj_bias", ("gate_b", "up_b"),
-          lambda c: (c.num_local_experts, 2 * c.intermediate_size), *_deinterleave(-1)),
+          lambda c: (c.num_local_experts, 2 * c.intermediate_size), "interleaved"),
     Entry(P + "mlp.experts.down_proj", ("down_w",),
-          lambda c: (c.num_local_experts, c.intermediate_size, c.hidden_size), *_ident),
+          lambda c: (c.num_local_experts, c.intermediate_size, c.hidden_size), "same"),
     Entry(P + "mlp.experts.down_proj_bias", ("down_b",),
-          lambda c: (c.num_local_experts, c.hidden_size), *_ident),
+          lambda c: (c.num_local_experts, c.hidden_size), "same"),
 )
 
 # MXFP4 checkpoints store these two as `<name>_blocks` + `<name>_scales`, dequantizing to [E, out, in]; the

@@ -337,19 +337,10 @@ def _transposed(ckpt, name, idx, cfg):
   return (ckpt.read(name, tuple(reversed(idx))).T,)
 
 
-_P = "model.layers.{i}."
-WINDOWS = {
-    "model.embed_tokens.weight": _same, "model.norm.weight": _same, "lm_head.weight": _transposed,
-    _P + "input_layernorm.weight": _same, _P + "post_attention_layernorm.weight": _same,
-    _P + "self_attn.q_proj.weight": _qkv_weight, _P + "self_attn.k_proj.weight": _qkv_weight,
-    _P + "self_attn.v_proj.weight": _qkv_weight, _P + "self_attn.q_proj.bias": _qkv_bias,
-    _P + "self_attn.k_proj.bias": _qkv_bias, _P + "self_attn.v_proj.bias": _qkv_bias,
-    _P + "self_attn.o_proj.weight": _o_weight, _P + "self_attn.o_proj.bias": _same,
-    _P + "self_attn.sinks": _same, _P + "mlp.router.weight": _transposed, _P + "mlp.router.bias": _same,
-    _P + "mlp.experts.gate_up_proj": _gate_up, _P + "mlp.experts.gate_up_proj_bias": _gate_up,
-    _P + "mlp.experts.down_proj": _same, _P + "mlp.experts.down_proj_bias": _same,
-}
-assert set(WINDOWS) == set(keymap.ENTRY_BY_NAME), "every weight-map entry needs a windowed reader"
+# One windowed reader per layout of the weight map (`keymap.LAYOUTS`).
+WINDOWS = {"same": _same, "transposed": _transposed, "heads_in": _qkv_weight, "heads_bias": _qkv_bias,
+           "heads_out": _o_weight, "interleaved": _gate_up}
+assert set(WINDOWS) == set(keymap.LAYOUTS), "every layout of the weight map needs a windowed reader"
 
 
 def read_window(ckpt: SafetensorsCheckpoint, cfg: GptOssConfig, entry: keymap.Entry, layer: int | None,
@@ -357,7 +348,7 @@ def read_window(ckpt: SafetensorsCheckpoint, cfg: GptOssConfig, entry: keymap.En
   """`entry`'s targets (ours, one layer) restricted to `index` (unit-step slices over the per-layer shape),
   reading from the files only the part of the HF tensor that window needs."""
   name = entry.hf_name.format(i=layer) if entry.per_layer else entry.hf_name
-  return WINDOWS[entry.hf_name](ckpt, name, index, cfg)
+  return WINDOWS[entry.layout](ckpt, name, index, cfg)
 
 
 def _concrete(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
@@ -372,13 +363,6 @@ def _concrete(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[i
 # Host bytes of one piece (over all targets of an entry, counted in fp32 as dequantization and casts work in it):
 # the loader holds about three pieces' worth of temporaries beyond the parameters.
 CHUNK_BYTES = 64 << 20
-
-# The axis of our per-layer (or global) parameter along which its Hugging Face tensor is stored row by row, so that
-# a range of it is one contiguous run of the file; large device shards are read in pieces along it. Others: axis 0.
-_ROW_AXIS = {"lm_head.weight": 1, _P + "self_attn.q_proj.weight": 1, _P + "self_attn.k_proj.weight": 1,
-             _P + "self_attn.v_proj.weight": 1, _P + "self_attn.o_proj.weight": 2, _P + "mlp.router.weight": 1}
-assert set(_ROW_AXIS) <= set(WINDOWS)
-
 
 def _pieces(want: tuple[int, ...], lead: int, axis: int, rows: int) -> Iterator[tuple[tuple[int, int], ...]]:
   """The pieces a device shard of shape `want` is read in, as (start, stop) per axis relative to the shard: one
@@ -456,7 +440,7 @@ def _place(ckpt, cfg, entry, names, specs, shardings, np_dtype, chunk_bytes) -> 
   for device, index in index_map.items():
     groups.setdefault(_concrete(index, shape), []).append(device)
   lead = 1 if entry.per_layer else 0
-  axis = _ROW_AXIS.get(entry.hf_name, 0)
+  axis = entry.row_axis  # a range of it is one contiguous run of the file
   want = tuple(b - a for a, b in next(iter(groups)))
   assert all(tuple(b - a for a, b in spans) == want for spans in groups), (entry.hf_name, list(groups))
   n_rows = want[lead + axis]
