@@ -8,10 +8,13 @@ from typing import Any, Mapping
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
+from orbax.checkpoint import checkpoint_managers as cm
 from etils import epath
 
 from numina_jax import storage
 from numina_jax.model.config import GptOssConfig
+from numina_jax.model.params import param_specs
 
 PARAMS, MODEL_CONFIG, OPT_STATE, TRAIN_META = "params", "model_config", "opt_state", "train_meta"
 
@@ -32,7 +35,6 @@ def score(metrics: dict) -> float:
 def training_manager(directory: str, *, max_to_keep: int, keep_best: int = 0,
                      async_save: bool = True) -> ocp.CheckpointManager:
   """The manager of a training run: keeps the last `max_to_keep` steps and the `keep_best` best by `score`."""
-  from orbax.checkpoint import checkpoint_managers as cm
 
   policies = [cm.LatestN(n=max_to_keep)]
   if keep_best:
@@ -102,7 +104,6 @@ def _resolve_step(directory: str, step: int | None) -> int:
 def load_params(directory: str, *, step: int | None = None, shardings: Mapping[str, Any] | None = None,
                 dtype=None) -> tuple[dict[str, jax.Array], GptOssConfig]:
   """Restores `params` (into `shardings` when given, else onto the default device) and the model config."""
-  from numina_jax.model.params import param_specs
 
   cfg = load_model_config(directory, step)
   step = _resolve_step(directory, step)
@@ -135,7 +136,6 @@ def _params_metadata(directory: str, step: int) -> dict[str, Any]:
   step_dir = _path(directory) / str(step) / PARAMS
   if not step_dir.exists():
     raise FileNotFoundError(f"checkpoint {directory} step {step} has no '{PARAMS}' item")
-  from absl import logging as absl_logging
   level = absl_logging.get_verbosity()
   absl_logging.set_verbosity(absl_logging.ERROR)  # it looks for step-level metadata inside the item: harmless
   try:

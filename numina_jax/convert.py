@@ -83,6 +83,7 @@ def _orbax_steps(path: str) -> list[str]:
   return steps
 
 
+# The commands import jax and the model code when they run, so --help and flag errors answer at once.
 def run_import(args) -> None:
   from numina_jax.checkpoint import save_params
   from numina_jax.hf.load import load_pretrained_params

@@ -184,6 +184,7 @@ def _out_dir(path: str, overwrite: bool):
 def build_sampler(args, tokenizer_name: str | None):
   """(sampler, backend description, max context) for the model flags."""
   if args.server:
+    # Each backend imports only its own code: jax and the model are not needed to sample from servers.
     from numina_jax.sampling.engine import EngineSampler
     urls = [u.strip() for u in args.server.split(",")]
     sampler = EngineSampler(urls, model=args.model, max_concurrency=args.concurrency, progress=False)
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None, *, sampler=None) -> int:
   try:
     _check_flags(args, injected=sampler is not None)
     sctir_config(args)  # flag errors before anything slow
-    from numina_jax.data.tokenizer import load_tokenizer
+    from numina_jax.data.tokenizer import load_tokenizer  # transformers: heavy, after the flag checks
     tokenizer_name = args.tokenizer or args.hf
     tokenizer = load_tokenizer(tokenizer_name)
     if sampler is None:

@@ -363,6 +363,7 @@ def _xla_cost(module: Module, name: str) -> dict[str, float]:
   It runs on the CPU client on the text of the compiled module: a compile-only TPU client cannot run it, and the
   analysis is the same code on every backend except custom calls (counted apart) and tile padding (not counted).
   """
+  # Only here does reading HLO need jax (its CPU client); the rest of this module parses text.
   import jax
   from jax._src.lib import _jax
   from jaxlib import _hlo

@@ -19,6 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from numina_jax.data.packing import BATCH_KEYS
 from numina_jax.loss import loss_terms
 from numina_jax.model.config import GptOssConfig
+from numina_jax.model.transformer import as_dtype
 from numina_jax.sharding import logical_to_spec
 
 STOP, CHECKPOINT_DUE = 0, 1  # columns of the host flags (see `host_flags_sharding`)
@@ -42,7 +43,6 @@ class StepConfig:
 
   @classmethod
   def from_config(cls, cfg, model_cfg: GptOssConfig) -> "StepConfig":
-    from numina_jax.model.transformer import as_dtype
     micro = cfg.microbatch_size or cfg.global_batch_size
     return cls(model=model_cfg, dtype=as_dtype(cfg.model.dtype), remat_policy=cfg.remat_policy,
                moe_kernel=cfg.model.moe_kernel, moe_tile=cfg.model.moe_tile,

@@ -19,6 +19,7 @@ import logging
 import sys
 
 from absl import app
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from numina_jax.config import (DEFAULT_CONFIG, check_overrides, config_overrides, config_spec, load_config,
@@ -43,6 +44,7 @@ def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   _quiet_logs()
+  # The trainer (jax, the model, the data) is imported after the flags parse, so --help answers at once.
   from numina_jax.distributed import DistributedStartError
   from numina_jax.trainer import NonFiniteLossError, train
   cfg = _CONFIG.value
@@ -62,7 +64,6 @@ def _main(argv):
 
 def _quiet_logs() -> None:
   """Our own INFO lines on stderr; orbax's and absl's per-write chatter only from WARNING up."""
-  from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.WARNING)
   log = logging.getLogger("numina_jax")
   if not log.handlers:

@@ -236,7 +236,7 @@ def save_pretrained(model_or_params, out_dir: str, dtype=jnp.bfloat16, *, cfg: G
 def _save_tokenizer(tokenizer, out_dir: str) -> None:
   """The tokenizer files, written by transformers into a local folder (it writes only there), then copied."""
   if isinstance(tokenizer, (str, os.PathLike)):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy (seconds), and only for a tokenizer given by name
     tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer))
   if not storage.is_remote(out_dir):
     tokenizer.save_pretrained(out_dir)

@@ -23,6 +23,8 @@ from tqdm.auto import tqdm
 from numina_jax.hf import keymap, mxfp4
 from numina_jax.model.config import GptOssConfig
 from numina_jax.model.params import param_specs
+from numina_jax.model.transformer import GptOss
+from numina_jax.sharding import param_shardings
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -60,7 +62,7 @@ def resolve_checkpoint(path_or_id: str | os.PathLike, *, revision: str | None = 
   if os.path.exists(path):
     raise NotADirectoryError(f"{path} is a file; expected a checkpoint folder holding config.json and "
                              "safetensors files")
-  from huggingface_hub import snapshot_download
+  from huggingface_hub import snapshot_download  # only a Hub id needs it
   from huggingface_hub.utils import HFValidationError, validate_repo_id
 
   looks_local = raw.startswith((".", "/", "~")) or raw.count("/") > 1 or os.sep != "/" and os.sep in raw
@@ -503,7 +505,6 @@ def load_pretrained_params(path_or_hub_id, dtype=jnp.float32, mesh: jax.sharding
   `chunk_bytes` are read and transferred in pieces of about that size, which bounds the host memory used beyond
   the parameters themselves.
   """
-  from numina_jax.sharding import param_shardings
 
   directory = resolve_checkpoint(path_or_hub_id, revision=revision)
   cfg = GptOssConfig.from_pretrained(directory)
@@ -539,7 +540,6 @@ def load_pretrained(path_or_hub_id, dtype=jnp.float32, mesh: jax.sharding.Mesh |
   `dtype` is the compute dtype; parameters are stored in `param_dtype` (default: `dtype`). Extra keyword
   arguments go to `GptOss` (remat_policy, moe_kernel, ...).
   """
-  from numina_jax.model.transformer import GptOss
 
   param_dtype = dtype if param_dtype is None else param_dtype
   params, cfg = load_pretrained_params(path_or_hub_id, param_dtype, mesh, revision=revision,
