@@ -150,7 +150,7 @@ class MetricWriter:
 
   def _open_tb(self, resume_step: int | None) -> None:
     try:
-      from tensorboardX import SummaryWriter
+      from tensorboardX import SummaryWriter  # optional: without it the run writes no tb/ and says so
     except ImportError:  # optional: metrics.jsonl stays the record
       return
     # Remote: events go to a local folder, copied up on flush (tensorboardX's own gs:// writer re-uploads the
@@ -267,7 +267,7 @@ def plot_metrics(workdir: str) -> str | None:
   train = [r for r in rows if "loss" in r]
   if not train:
     return None
-  import matplotlib
+  import matplotlib  # heavy (a second), and only for the plot
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 

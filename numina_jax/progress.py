@@ -31,7 +31,7 @@ class Progress:
     stream = sys.stderr if stream is None else stream
     self.interactive = enabled and bool(getattr(stream, "isatty", lambda: False)())  # a bar (not lines)
     if self.interactive:
-      from tqdm.auto import tqdm
+      from tqdm.auto import tqdm  # only a terminal gets a bar
       self._bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, file=stream)
 
   def note(self, record: dict[str, Any]) -> None:

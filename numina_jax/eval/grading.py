@@ -164,7 +164,7 @@ GRADER_KINDS = ("integer", "math")
 
 @functools.lru_cache(maxsize=4096)
 def _math_parse(answer: str, timeout_s: int | None) -> tuple:
-  from math_verify import parse
+  from math_verify import parse  # sympy: heavy, and only for non-integer answers
   # Inside \boxed{} so math-verify reads the whole answer as one LaTeX expression (bare `\sqrt{2}/2` finds nothing).
   return tuple(parse(f"\\boxed{{{answer}}}", parsing_timeout=timeout_s))
 
@@ -217,7 +217,7 @@ class Grader:
       return ref_int == ans_int
     if self.kind == "integer":
       return False
-    from math_verify import verify
+    from math_verify import verify  # as in _math_parse
     ref, ans = self._parsed(reference), self._parsed(answer)
     return bool(ref and ans and verify(list(ref), list(ans), timeout_seconds=self.timeout_s))
 

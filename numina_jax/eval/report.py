@@ -40,7 +40,7 @@ def problem_table(results: Sequence[sctir_lib.ProblemResult]) -> str:
 
 
 def plot_maj_at_k(metrics, path, title: str) -> None:
-  import matplotlib
+  import matplotlib  # heavy (a second), and only for the plot
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   ks = sorted(metrics.maj_at)

@@ -243,7 +243,7 @@ def splash_attention(q_BTNH, k_BTKH, v_BTKH, sinks_N, segment_ids_BT, *, window:
     sinks = sinks.astype(q.dtype).astype(F32)
 
     def one(q, k, v, seg):
-      from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
+      from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds  # as in _splash_kernel
       return kernel(q, k, v, segment_ids=SegmentIds(q=seg, kv=seg), sinks=sinks)
 
     return jnp.swapaxes(jax.vmap(one)(q, k, v, seg)[:, :, :T], 1, 2)
@@ -281,7 +281,7 @@ def _splash_tiles(T: int, block: int) -> tuple[int, int]:
 
 @functools.lru_cache(maxsize=None)
 def _splash_kernel(T: int, window: int | None, heads: int, tile: int, interpret: bool):
-  from jax.experimental.pallas.ops.tpu import splash_attention as sa
+  from jax.experimental.pallas.ops.tpu import splash_attention as sa  # Pallas TPU code: only for the splash path
   if window is None:
     mask = sa.CausalMask((T, T))
   else:

@@ -113,7 +113,7 @@ def _ffn_gmm(x_MD, sizes_F, expert_M, w, limit, alpha, interpret: bool):
   """The Pallas megablox grouped matmul (TPU; `interpret` runs it on CPU). Its row count must divide by the row
   tile, so the rows are padded. The kernel leaves rows outside every group unwritten, in its output and in its
   input gradient: both sides are masked, or garbage there would reach the biases' gradients."""
-  from jax.experimental.pallas.ops.tpu import megablox
+  from jax.experimental.pallas.ops.tpu import megablox  # Pallas TPU code: only for the gmm kernel
 
   M = x_MD.shape[0]
   tm = min(GMM_TILE[0], -(-M // 8) * 8)
