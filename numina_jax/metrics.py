@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+from tensorboardX import SummaryWriter
 
 from numina_jax import storage
 
@@ -149,10 +150,6 @@ class MetricWriter:
     self._open_tb(resume_step)
 
   def _open_tb(self, resume_step: int | None) -> None:
-    try:
-      from tensorboardX import SummaryWriter  # optional: without it the run writes no tb/ and says so
-    except ImportError:  # optional: metrics.jsonl stays the record
-      return
     # Remote: events go to a local folder, copied up on flush (tensorboardX's own gs:// writer re-uploads the
     # whole file on every flush and can block for minutes at exit if the storage went away).
     if self.remote:
