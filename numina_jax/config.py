@@ -266,11 +266,6 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
        f"{cfg.checkpoint.best_metric!r} is not one of eval_loss, sctir_maj")
   need(cfg.checkpoint.best_metric != "sctir_maj" or s.every_steps > 0, "checkpoint.best_metric",
        "sctir_maj needs SC-TIR during training: set sctir.every_steps > 0")
-  need(not (s.every_steps and cfg.multihost), "sctir.every_steps",
-       "runs on one host (its sandbox is not shared between hosts yet)")
-  need(not (s.at_end and cfg.multihost), "sctir.at_end",
-       "runs on one host (its sandbox is not shared between hosts yet); evaluate a multi-host run's export with "
-       "python -m numina_jax.evaluate")
   need(cfg.next_stage != cfg.stage, "next_stage", f"is this stage ({cfg.stage!r}); name the stage that follows it")
 
 

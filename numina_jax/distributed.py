@@ -1,15 +1,19 @@
-"""Joining a multi-host job: `jax.distributed.initialize()` as the first JAX call, with errors that say what to check.
+"""Joining a multi-host job: `jax.distributed.initialize()` as the first JAX call, with errors that say what to check;
+and `JaxHosts`, how the hosts of a job agree on what only one of them can decide (process 0's value for all).
 
 Nothing in numina_jax touches the XLA backend at import or config validation, so `train()` can call this first.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import time
+from typing import Any
 
 import jax
+import numpy as np
 
 log = logging.getLogger("numina_jax")
 
@@ -86,3 +90,34 @@ def _check_coordinator(address: str, pid: int, timeout: float, where: str, hint:
         raise DistributedStartError(f"jax.distributed.initialize failed ({where}): no coordinator answered at "
                                     f"{address} within {timeout:g} s ({e.strerror or e}). {hint}") from None
       time.sleep(0.5)
+
+
+def broadcast_json(value: Any) -> Any:
+  """Process 0's `value` (anything `json.dumps` writes) on every process, decoded from JSON on all of them alike
+  (tuples come back as lists, dict keys as strings). Every process must call it at the same point; what the others
+  pass is ignored. Two collectives: the length, then the bytes in a power-of-two buffer (few shapes to compile)."""
+  if jax.process_count() == 1:
+    return json.loads(json.dumps(value))
+  from jax.experimental import multihost_utils
+  data = json.dumps(value, ensure_ascii=False).encode() if jax.process_index() == 0 else b""
+  n = int(multihost_utils.broadcast_one_to_all(np.asarray(len(data), np.int32)))
+  buffer = np.zeros(max(256, 1 << max(n - 1, 0).bit_length()), np.uint8)
+  buffer[:len(data)] = np.frombuffer(data, np.uint8)
+  buffer = np.asarray(multihost_utils.broadcast_one_to_all(buffer))
+  return json.loads(buffer[:n].tobytes().decode())
+
+
+class JaxHosts:
+  """The processes of this JAX job as code that runs the same program on every one of them sees them: `is_main`
+  (process 0, the one that writes files and runs what is not deterministic, such as the model's python) and
+  `share(value)`, process 0's value on every process (`broadcast_json`)."""
+
+  def __init__(self):
+    self.index, self.count = jax.process_index(), jax.process_count()
+
+  @property
+  def is_main(self) -> bool:
+    return self.index == 0
+
+  def share(self, value: Any) -> Any:
+    return broadcast_json(value)

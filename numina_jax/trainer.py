@@ -436,27 +436,28 @@ class Trainer:
   def _sctir(self, out_dir: str, *, echo: bool) -> dict[str, Any]:
     """SC-TIR on the stage's held-out problems with the live parameters, written to `out_dir` by the same code as
     `python -m numina_jax.evaluate`; returns the headline metrics. One sampler per run: its compiled programs
-    take the parameters as an argument."""
+    take the parameters as an argument.
+
+    On many hosts every host runs it (the sampler is one program over the mesh); process 0 runs the model's python
+    and writes; the metrics returned are process 0's on every host, since the best checkpoint is chosen by them."""
     s = self.cfg.sctir
     if self._sctir_setup is None:
-      eval_set = held_out_set(self.cfg.data, limit=s.limit or None)
-      cfg = SCTIRConfig(samples=s.samples, rounds=s.rounds, temperature=s.temperature, seed=s.seed,
-                        max_tokens_per_round=s.max_tokens_per_round, max_context=s.max_len)
-      sampler = JaxSampler(self.state["params"], self.model_cfg, mesh=self.mesh, max_len=s.max_len,
-                           max_batch=max(1, min(len(eval_set), cfg.concurrent_problems)) * s.samples,
-                           moe_kernel=self.cfg.model.moe_kernel, progress=False)
-      self._sctir_setup = (eval_set, cfg, sampler)
+      self._sctir_setup = sctir_setup(self.cfg, self.model_cfg, self.state["params"], self.mesh)
     eval_set, cfg, sampler = self._sctir_setup
     sampler.params = self.state["params"]
     out = storage.path(out_dir)
-    storage.makedirs(out)
+    if self.is_main:
+      storage.makedirs(out)
     log.info("SC-TIR at step %d: %d held-out problems x %d traces, %d rounds", self.step, len(eval_set), s.samples,
              s.rounds)
-    backend = {"kind": "training", "workdir": self.workdir, "step": self.step, "mesh": dict(self.mesh.shape)}
-    m = write_evaluation(eval_set, sampler, self.tokenizer, cfg, out, backend, echo=echo)["metrics"]
-    return {"dir": str(out), "num_problems": m["num_problems"], "n": m["n"], "maj_at_n": m["maj_at"][m["n"]],
-            "mean_at_1": m["mean_at_1"], "no_answer_rate": m["no_answer_rate"],
-            "tool_calls_per_trace": m["tool_calls_per_trace"]}
+    backend = {"kind": "training", "workdir": self.workdir, "step": self.step, "mesh": dict(self.mesh.shape),
+               "hosts": jax.process_count()}
+    m = write_evaluation(eval_set, sampler, self.tokenizer, cfg, out, backend, echo=echo,
+                         hosts=distributed.JaxHosts())["metrics"]
+    return distributed.broadcast_json({
+        "dir": str(out), "num_problems": m["num_problems"], "n": m["n"], "maj_at_n": m["maj_at"][m["n"]],
+        "mean_at_1": m["mean_at_1"], "no_answer_rate": m["no_answer_rate"],
+        "tool_calls_per_trace": m["tool_calls_per_trace"]})
 
   def sctir_eval(self, step: int, write: bool = True) -> float:
     """SC-TIR during training (sctir.every_steps): metrics.jsonl gets sctir_maj, sctir_mean1, ...; returns maj@N."""
@@ -490,6 +491,20 @@ class Trainer:
   def _host_flags(self, flags: np.ndarray) -> jax.Array:
     """This host's flags as its rows of the [devices, flags] array whose maximum the step returns."""
     return jax.make_array_from_callback((self.mesh.size, NUM_FLAGS), self.flags_shard, lambda _: flags[None])
+
+
+def sctir_setup(cfg: ml_collections.ConfigDict, model_cfg, params: dict[str, jax.Array],
+                mesh: jax.sharding.Mesh) -> tuple[Any, SCTIRConfig, JaxSampler]:
+  """What a stage's SC-TIR runs with (`config.sctir`): its held-out problems, the SCTIRConfig, and a JaxSampler of
+  `params` on `mesh`."""
+  s = cfg.sctir
+  eval_set = held_out_set(cfg.data, limit=s.limit or None)
+  sctir_cfg = SCTIRConfig(samples=s.samples, rounds=s.rounds, temperature=s.temperature, seed=s.seed,
+                          max_tokens_per_round=s.max_tokens_per_round, max_context=s.max_len)
+  sampler = JaxSampler(params, model_cfg, mesh=mesh, max_len=s.max_len,
+                       max_batch=max(1, min(len(eval_set), sctir_cfg.concurrent_problems)) * s.samples,
+                       moe_kernel=cfg.model.moe_kernel, progress=False)
+  return eval_set, sctir_cfg, sampler
 
 
 def _global_batch(local: dict[str, np.ndarray], shardings, global_rows: int):

@@ -3,6 +3,7 @@ maj_at_k.png, and the per-problem table."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -63,18 +64,23 @@ def plot_maj_at_k(metrics, path, title: str) -> None:
 
 
 def write_evaluation(eval_set, sampler, tokenizer, cfg: sctir_lib.SCTIRConfig, out, backend: dict, *,
-                     sandbox_workers: int | None = None, echo: bool = True) -> dict:
+                     sandbox_workers: int | None = None, echo: bool = True, hosts=None) -> dict:
   """SC-TIR of `eval_set` through `sampler` (the one path for the CLI and for the trainer's evaluation at the end
   of a stage): traces.jsonl (a problem's traces as soon as it finishes), summary.json and maj_at_k.png in `out`,
-  with `echo` the per-problem table and the metrics on stdout. Returns the summary."""
+  with `echo` the per-problem table and the metrics on stdout. Returns the summary.
+
+  `hosts` (`distributed.JaxHosts()`): every host of a job calls this around one sampler (`sctir.SCTIR`); only the
+  main host writes and echoes. Each host returns its own summary: the traces are alike, timings are not."""
+  main = hosts is None or hosts.is_main
   t0 = time.time()
   results = {}
-  with sctir_lib.SCTIR(sampler, tokenizer, cfg, sandbox_workers=sandbox_workers) as runner, \
-      (out / "traces.jsonl").open("w") as f:
+  with sctir_lib.SCTIR(sampler, tokenizer, cfg, sandbox_workers=sandbox_workers, hosts=hosts) as runner, \
+      ((out / "traces.jsonl").open("w") if main else contextlib.nullcontext()) as f:
     for r in runner.run(eval_set.problems, eval_set.grader):
-      for t in r.traces:
-        f.write(json.dumps(trace_record(r, t, eval_set.grader), ensure_ascii=False) + "\n")
-      f.flush()  # a problem's traces are on disk as soon as it finishes
+      if main:
+        for t in r.traces:
+          f.write(json.dumps(trace_record(r, t, eval_set.grader), ensure_ascii=False) + "\n")
+        f.flush()  # a problem's traces are on disk as soon as it finishes
       results[r.id] = r
     tool_description, requests = runner.tool_description, runner.requests
   wall = time.time() - t0
@@ -93,6 +99,8 @@ def write_evaluation(eval_set, sampler, tokenizer, cfg: sctir_lib.SCTIRConfig, o
                  "sampler_requests": requests, "python_calls": sum(t.python_calls for t in traces),
                  "python_wall_s": sum(c.wall_s for t in traces for c in t.tool_calls)},
   }
+  if not main:
+    return summary
   storage.write_text(out / "summary.json", json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
   plot_maj_at_k(metrics, out / "maj_at_k.png", f"{eval_set.name}: {len(eval_set)} problems x {cfg.samples} traces")
   if echo:

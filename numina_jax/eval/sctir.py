@@ -23,6 +23,11 @@ What each round can do to a trace, and the `TraceResult.finish` of those that en
   of a trace that never ran python ("no_code"), "output" of one with no call that ran without error
   ("no_output"). Default "none": gpt-oss reasons well without tools, and these rules would discard right answers.
 A retired trace is never sampled again. Every request's seed is `trace_seed(seed, problem id, trace, round)`.
+
+On many hosts (`hosts=distributed.JaxHosts()`, a sampler that is one program over all of them) every host runs
+this loop and sends the sampler the same requests in the same order. What is not deterministic is decided on the
+main host and shared: the sandbox probe, the model's python (run there only; each round's results go to all), and
+the per-problem timeout. The rest follows from the tokens, which every host then holds alike.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import dataclasses
 import hashlib
 import sys
 import time
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from numina_jax.data.harmony.options import REASONING_EFFORTS, RenderOptions
 from numina_jax.eval import grading
@@ -104,6 +109,19 @@ class SCTIRConfig:
          "0 (greedy) samples the same trace every time; use samples=1 or a temperature > 0")
     # The sampler checks these too, but only once a whole round is under way.
     SamplingParams(n=1, max_tokens=1, temperature=self.temperature, top_p=self.top_p)
+
+
+class OneHost:
+  """SC-TIR on one host: it decides everything itself. (`distributed.JaxHosts` is the many-host counterpart.)"""
+  is_main = True
+  count = 1
+
+  def share(self, value: Any) -> Any:
+    return value
+
+
+class HostError(RuntimeError):
+  """What the main host decides for all failed there; every other host raises this."""
 
 
 def trace_seed(seed: int, problem_id: str, trace: int, round_: int) -> int:
@@ -265,22 +283,25 @@ class SCTIR:
   """
 
   def __init__(self, sampler: Sampler, tokenizer, config: SCTIRConfig = SCTIRConfig(), *, sandbox=None,
-               sandbox_workers: int | None = None, progress: bool | None = None):
+               sandbox_workers: int | None = None, progress: bool | None = None, hosts=None):
     """`sandbox`: a SandboxConfig for the limits not in `config` (memory, processes...); its timeout and output
-    length are `config`'s. `progress`: a bar over traces (default: when stderr is a terminal)."""
+    length are `config`'s. `progress`: a bar over traces (default: when stderr is a terminal; main host only).
+    `hosts`: `distributed.JaxHosts()` when every host of a job runs this loop around one sampler; default one."""
     from numina_jax.sandbox import SandboxConfig, SandboxPool
     self.sampler = sampler
     self.config = config
+    self.hosts = hosts if hosts is not None else OneHost()
     self.codec = CompletionCodec(tokenizer)
     self.sandbox = (sandbox or SandboxConfig()).replace(timeout_s=config.call_timeout_s,
                                                         max_output_chars=config.max_output_chars)
-    self.pool = SandboxPool(sandbox_workers, self.sandbox)
-    self.progress = sys.stderr.isatty() if progress is None else progress
+    self.pool = SandboxPool(sandbox_workers, self.sandbox) if self.hosts.is_main else None
+    self.progress = (sys.stderr.isatty() if progress is None else progress) and self.hosts.is_main
     description = config.tool_description
     if description is None:
-      version, modules = probe_sandbox(self.sandbox)
-      description = sandbox_description(self.sandbox, stateful=config.stateful, modules=modules,
-                                        python_version=version)
+      def describe():
+        version, modules = probe_sandbox(self.sandbox)
+        return sandbox_description(self.sandbox, stateful=config.stateful, modules=modules, python_version=version)
+      description = self._from_main(describe, "probing the sandbox")
     self.tool_description = description
     self.render_options = RenderOptions(reasoning_effort=config.reasoning_effort,
                                         python_tool_description=description)
@@ -291,7 +312,25 @@ class SCTIR:
     return self.codec.prompt(problem_text, user_template=self.config.user_template, opts=self.render_options)
 
   def close(self) -> None:
-    self.pool.close()
+    if self.pool is not None:
+      self.pool.close()
+
+  def _from_main(self, decide: Callable[[], Any], what: str) -> Any:
+    """`decide()` as the main host found it, on every host (only the main host calls it). An error there is
+    raised there and, as a HostError naming it, on every other host, so none waits for a value that never comes."""
+    if self.hosts.count == 1:
+      return decide()
+    if not self.hosts.is_main:
+      shared = self.hosts.share(None)
+      if "error" in shared:
+        raise HostError(f"{what} failed on the main host: {shared['error']}")
+      return shared["value"]
+    try:
+      value = decide()
+    except Exception as e:
+      self.hosts.share({"error": f"{type(e).__name__}: {e}"})
+      raise
+    return self.hosts.share({"value": value})["value"]
 
   def __enter__(self) -> "SCTIR":
     return self
@@ -340,10 +379,14 @@ class SCTIR:
 
   def _round(self, active: list[_Problem]) -> None:
     cfg = self.config
-    now = time.monotonic()
+    over_ids: set[str] = set()
+    if cfg.timeout_per_problem_s is not None:  # a clock's decision: the main host's holds for all
+      now = time.monotonic()
+      over_ids = set(self._from_main(lambda: [str(p.problem.id) for p in active
+                                              if now - p.t0 > cfg.timeout_per_problem_s], "the problem timeout"))
     requests: list[tuple[_Trace, SamplingParams, str]] = []
     for prob in active:
-      over = cfg.timeout_per_problem_s is not None and now - prob.t0 > cfg.timeout_per_problem_s
+      over = str(prob.problem.id) in over_ids
       for t in prob.traces:
         if t.finish is not None:
           continue
@@ -444,28 +487,34 @@ class SCTIR:
 
   def _run_calls(self, calls: list) -> None:
     cfg = self.config
-    futures = []
+    python = [(t, msg) for t, msg, _ in calls if msg.recipient == "python"]
+    # Run on the main host alone: outputs, timings and timeouts differ between runs, and every host must append
+    # the same reply tokens.
+    results = iter(self._from_main(lambda: self._execute(python), "running the model's python") if python else [])
     for t, msg, round_ in calls:
       if msg.recipient != "python":
-        futures.append(None)
-        continue
-      if cfg.stateful and t.session is None:
-        t.session = self.pool.session()
-      futures.append(self.pool.submit(msg.content, session=t.session) if cfg.stateful
-                     else self.pool.submit(msg.content))
-    for (t, msg, round_), future in zip(calls, futures):
-      if future is None:
         output = (f"Error: there is no tool {msg.recipient!r} here; the only tool is python. Send python code to "
                   "python, or answer.")
         call = ToolCall(round_, msg.recipient, msg.content, "unknown_tool", output, 0.0, False)
       else:
-        r = future.result()  # a SandboxError (the sandbox itself broke) ends the run
-        output = r.output + (cfg.last_call_note if round_ == cfg.rounds - 1 else "")
-        call = ToolCall(round_, "python", msg.content, r.status, output, r.wall_s, r.truncated)
+        r = next(results)
+        output = r["output"] + (cfg.last_call_note if round_ == cfg.rounds - 1 else "")
+        call = ToolCall(round_, "python", msg.content, r["status"], output, r["wall_s"], r["truncated"])
       t.calls.append(call)
       reply = self.codec.tool_reply(msg.recipient, call.output, msg.channel or "analysis")
       t.tokens += reply
       t.rounds[-1] = dataclasses.replace(t.rounds[-1], reply_tokens=len(reply))
+
+  def _execute(self, python: list) -> list[dict]:
+    """Runs the python calls of a round in the sandbox pool, in parallel; what each call's record needs."""
+    futures = []
+    for t, msg in python:
+      if self.config.stateful and t.session is None:
+        t.session = self.pool.session()
+      futures.append(self.pool.submit(msg.content, session=t.session) if self.config.stateful
+                     else self.pool.submit(msg.content))
+    results = [f.result() for f in futures]  # a SandboxError (the sandbox itself broke) ends the run
+    return [{"status": r.status, "output": r.output, "wall_s": r.wall_s, "truncated": r.truncated} for r in results]
 
   def _retire(self, t: _Trace, finish: str, detail: str) -> None:
     t.finish, t.detail = finish, detail
@@ -513,5 +562,6 @@ def run_sctir(problems: Iterable, sampler: Sampler, tokenizer, grader: grading.G
   return [by_id[str(p.id)] for p in problems]
 
 
-__all__ = ["DEFAULT_USER_TEMPLATE", "FINISHES", "ProblemResult", "RoundRecord", "SCTIR", "SCTIRConfig", "ToolCall",
-           "TraceResult", "probe_sandbox", "run_sctir", "sandbox_description", "score", "trace_seed"]
+__all__ = ["DEFAULT_USER_TEMPLATE", "FINISHES", "HostError", "OneHost", "ProblemResult", "RoundRecord", "SCTIR",
+           "SCTIRConfig", "ToolCall", "TraceResult", "probe_sandbox", "run_sctir", "sandbox_description", "score",
+           "trace_seed"]

@@ -98,7 +98,9 @@ class JaxSampler:
   len(prompt) + max_tokens <= `max_len` positions.
 
   With `mesh`, parameters sit in their training shardings (`sharding.param_shardings`), the cache is split over
-  rows (data, fsdp, expert) and kv heads (tensor), and every step runs under `jax.set_mesh(mesh)`.
+  rows (data, fsdp, expert) and kv heads (tensor), and every step runs under `jax.set_mesh(mesh)`. A mesh over many
+  hosts makes `generate` a collective: every host calls it with the same prompts and params, in the same order,
+  and gets the same completions (the sampled tokens are replicated; seeds left unset are process 0's).
   """
 
   def __init__(self, params: Mapping[str, jax.Array], model_cfg: GptOssConfig, *,
@@ -237,7 +239,13 @@ class JaxSampler:
 
   def _put(self, x):
     x = np.asarray(x)
-    return jax.device_put(x, self._replicated) if self._replicated is not None else x
+    if self._replicated is None:
+      return x
+    if jax.process_count() > 1:
+      # Every host passes the same host inputs (the callers agree on them). device_put would check that with an
+      # all-gather per array, several per decoded token.
+      return jax.make_array_from_callback(x.shape, self._replicated, lambda index: x[index])
+    return jax.device_put(x, self._replicated)
 
   def _show_progress(self) -> bool:
     return sys.stderr.isatty() if self.progress is None else bool(self.progress)
