@@ -14,6 +14,9 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax._src import distributed as jax_distributed
+from jax._src import xla_bridge
+from jax.experimental import multihost_utils
 
 log = logging.getLogger("numina_jax")
 
@@ -28,8 +31,6 @@ def initialize(dist_cfg) -> None:
   On Cloud TPU, SLURM, Open MPI and Kubernetes jax finds the coordinator, process count and index itself; anywhere
   else (two processes on one machine included) set all three fields. Called twice, the second call does nothing.
   """
-  from jax._src import distributed as jax_distributed
-  from jax._src import xla_bridge
 
   if jax_distributed.global_state.client is not None:
     return
@@ -98,7 +99,6 @@ def broadcast_json(value: Any) -> Any:
   pass is ignored. Two collectives: the length, then the bytes in a power-of-two buffer (few shapes to compile)."""
   if jax.process_count() == 1:
     return json.loads(json.dumps(value))
-  from jax.experimental import multihost_utils
   data = json.dumps(value, ensure_ascii=False).encode() if jax.process_index() == 0 else b""
   n = int(multihost_utils.broadcast_one_to_all(np.asarray(len(data), np.int32)))
   buffer = np.zeros(max(256, 1 << max(n - 1, 0).bit_length()), np.uint8)

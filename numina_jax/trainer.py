@@ -25,15 +25,18 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.experimental import multihost_utils
 
 from numina_jax import checkpoint as ckpt
 from numina_jax import config as config_lib
+from numina_jax import data as data_lib
 from numina_jax import distributed
 from numina_jax import storage
 from numina_jax.data.packing import BATCH_KEYS
 from numina_jax.eval.datasets import held_out_set
 from numina_jax.eval.report import write_evaluation
 from numina_jax.eval.sctir import SCTIRConfig
+from numina_jax.hf import load_pretrained_params, save_pretrained
 from numina_jax.metrics import MetricWriter, flops_per_token, peak_flops_per_device, plot_metrics
 from numina_jax.model.params import init_params, param_specs
 from numina_jax.model.transformer import as_dtype
@@ -107,7 +110,6 @@ def _preemption_notice(step: int) -> bool:
   if jax.process_count() == 1:
     return False
   # A notice the runtime got by other means than our SIGTERM handler; it names the same step on every host.
-  from jax.experimental import multihost_utils
   return multihost_utils.reached_preemption_sync_point(step)
 
 
@@ -124,7 +126,6 @@ def load_start_params(cfg, model_cfg, shardings, mesh) -> dict[str, jax.Array]:
   m = cfg.model
   dtype = as_dtype(m.param_dtype)
   if m.hf_path:
-    from numina_jax.hf import load_pretrained_params
     log.info("loading Hugging Face weights from %s", m.hf_path)
     params, _ = load_pretrained_params(m.hf_path, dtype, mesh, shardings=shardings)
     return params
@@ -180,10 +181,6 @@ class Trainer:
   """
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, stop_at_step: int | None = None):
-    from jax.experimental import multihost_utils
-
-    from numina_jax import data as data_lib
-
     self.cfg, self.stop_at_step = cfg, stop_at_step
     self.workdir = cfg.workdir
     storage.makedirs(self.workdir)
@@ -423,7 +420,6 @@ class Trainer:
         self.writer.flush()  # the plot reads metrics.jsonl back
         result["plot"] = plot_metrics(self.workdir)
       if self.cfg.export_hf:  # every host takes part in gathering the tensors; process 0 writes
-        from numina_jax.hf import save_pretrained
         out = storage.join(self.workdir, "hf")
         save_pretrained(self.state["params"], out, cfg=self.model_cfg, dtype=as_dtype(self.cfg.export_dtype),
                         tokenizer=self.tokenizer, overwrite=True, progress=self.progress.interactive)

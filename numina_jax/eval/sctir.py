@@ -39,9 +39,12 @@ import sys
 import time
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+from tqdm.auto import tqdm
+
 from numina_jax.data.harmony.options import REASONING_EFFORTS, RenderOptions
 from numina_jax.eval import grading
 from numina_jax.eval.completion import CompletionCodec, ParsedCompletion
+from numina_jax.sandbox import SandboxConfig, SandboxError, SandboxPool, run_python
 from numina_jax.sampling.types import Completion, Sampler, SamplingParams
 
 FINISHES = ("stop", "length", "timeout", "malformed", "max_rounds", "unknown_tool", "no_code", "no_output")
@@ -157,12 +160,10 @@ def sandbox_description(sandbox, *, stateful: bool, modules: Sequence[str] | Non
 
 def probe_sandbox(sandbox) -> tuple[str, list[str]]:
   """(python version, importable modules of PROBE_MODULES) as seen inside the sandbox."""
-  from numina_jax.sandbox import run_python
   code = ("import importlib.util, sys\n"
           f"print('%d.%d' % sys.version_info[:2], *[m for m in {PROBE_MODULES!r} if importlib.util.find_spec(m)])")
   result = run_python(code, sandbox.replace(timeout_s=max(sandbox.timeout_s, 30.0)))
   if not result.ok:
-    from numina_jax.sandbox import SandboxError
     raise SandboxError(f"probing the sandbox's python failed ({result.status}): {result.output}")
   version, *modules = result.stdout.split()
   return version, modules
@@ -287,7 +288,6 @@ class SCTIR:
     """`sandbox`: a SandboxConfig for the limits not in `config` (memory, processes...); its timeout and output
     length are `config`'s. `progress`: a bar over traces (default: when stderr is a terminal; main host only).
     `hosts`: `distributed.JaxHosts()` when every host of a job runs this loop around one sampler; default one."""
-    from numina_jax.sandbox import SandboxConfig, SandboxPool
     self.sampler = sampler
     self.config = config
     self.hosts = hosts if hosts is not None else OneHost()
@@ -351,7 +351,6 @@ class SCTIR:
     bar = None
     total, done = len(pending), 0
     if self.progress:
-      from tqdm.auto import tqdm
       bar = tqdm(total=total * cfg.samples, unit="trace", desc="SC-TIR", dynamic_ncols=True)
       bar.set_postfix(problems=f"0/{total}")
     self._bar = bar

@@ -15,14 +15,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
+from numina_jax.checkpoint import load_model_config, load_params
+from numina_jax.hf import load_pretrained_params
 from numina_jax.model.config import GptOssConfig
 from numina_jax.model.moe import resolve_moe_kernel
 from numina_jax.model.params import param_specs
 from numina_jax.model.transformer import as_dtype, check_params
 from numina_jax.sampling import kv_cache
 from numina_jax.sampling.types import Completion, SamplingParams
+from numina_jax.sharding import param_shardings
 
 F32 = jnp.float32
 
@@ -130,7 +134,6 @@ class JaxSampler:
     self.row_multiple = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in ("data", "fsdp", "expert")
                                                                 if a in mesh.shape]))
     if mesh is not None:
-      from numina_jax.sharding import param_shardings
       shardings = param_shardings(specs, mesh)
       self.params = {k: jax.device_put(v, shardings[k]) for k, v in params.items()}
       self._replicated = NamedSharding(mesh, P())
@@ -158,10 +161,8 @@ class JaxSampler:
                       **kwargs) -> "JaxSampler":
     """From an Orbax checkpoint folder (a training run's or `convert import`'s); `step` defaults to the latest.
     `dtype` casts the parameters as they load (default: as saved)."""
-    from numina_jax.checkpoint import load_model_config, load_params
     shardings = None
     if mesh is not None:
-      from numina_jax.sharding import param_shardings
       shardings = param_shardings(param_specs(load_model_config(directory, step)), mesh)
     params, cfg = load_params(directory, step=step, shardings=shardings, dtype=dtype)
     return cls(params, cfg, mesh=mesh, **kwargs)
@@ -170,7 +171,6 @@ class JaxSampler:
   def from_hf(cls, path_or_hub_id: str, *, mesh=None, dtype="bfloat16", revision: str | None = None,
               **kwargs) -> "JaxSampler":
     """From a Hugging Face gpt-oss checkpoint (folder or Hub id, dense or MXFP4), loaded in `dtype`."""
-    from numina_jax.hf import load_pretrained_params
     progress = kwargs.get("progress")
     params, cfg = load_pretrained_params(path_or_hub_id, as_dtype(dtype), mesh, revision=revision,
                                          progress=sys.stderr.isatty() if progress is None else bool(progress))
@@ -229,7 +229,6 @@ class JaxSampler:
     # Two 32-bit words per seed: jax (without x64) would silently narrow 64-bit integers in the broadcast.
     drawn = np.random.default_rng().integers(0, 2 ** 32, size=(max(len(per_prompt), 1), 2), dtype=np.uint32)
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
       drawn = np.asarray(multihost_utils.broadcast_one_to_all(drawn))
     return [sp.seed if sp.seed is not None else (int(hi) << 32) | int(lo)
             for sp, (hi, lo) in zip(per_prompt, drawn)]
