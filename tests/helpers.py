@@ -1,5 +1,5 @@
 """Shared test helpers: the tiny random transformers gpt-oss (with our config and flat params), the real MXFP4
-checkpoint layout written from it, and the shared folder."""
+checkpoint layout written from it, the shared folder, and TPU slices described by libtpu."""
 
 from __future__ import annotations
 
@@ -157,6 +157,17 @@ def random_params(cfg: GptOssConfig, seed: int = 0) -> dict[str, np.ndarray]:
     v = rng.normal(0.0, std, spec.shape).astype(np.float32)
     out[name] = v + 1.0 if base.endswith("norm") else v
   return out
+
+
+def tpu_devices(topology: str = "v5p:2x2x1") -> list:
+  """The devices of a TPU slice described by libtpu on this host (to compile for, not to run on), or a skip."""
+  # Another process compiling for TPU at the same time holds libtpu's lock file.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  try:
+    from jax.experimental import topologies
+    return list(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
+  except Exception as e:  # noqa: BLE001 - libtpu absent or unable to describe the topology
+    pytest.skip(f"needs libtpu to describe the TPU slice {topology} ({type(e).__name__}: {e})")
 
 
 # XLA's CPU backend spends most of a tiny model's test time in LLVM; its optimizations buy nothing at these sizes.

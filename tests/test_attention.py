@@ -2,7 +2,6 @@
 splash in interpret mode under shard_map on a batch x tensor mesh, and splash compiled for a TPU slice."""
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from helpers import jit
+from helpers import jit, tpu_devices
 from numina_jax.model import attention as A
 from numina_jax.model.layers import rope_cos_sin
 from numina_jax.sharding import make_mesh
@@ -202,13 +201,7 @@ def test_splash_sliding_mask_keeps_exactly_the_window():
 
 
 def test_splash_compiles_for_tpu():
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other test processes may hold libtpu's lock
-  from jax.experimental import topologies
-  try:
-    devices = topologies.get_topology_desc(topology_name="v5p:2x2x1", platform="tpu").devices
-  except Exception as e:  # no libtpu
-    pytest.skip(f"needs libtpu to describe a TPU slice ({type(e).__name__}: {e})")
-  mesh = make_mesh({"fsdp": 2, "tensor": 2}, devices)
+  mesh = make_mesh({"fsdp": 2, "tensor": 2}, tpu_devices("v5p:2x2x1"))
   B, T, N, Kh, Hd = 4, 1024, 8, 2, 64
   heads = NamedSharding(mesh, P(("data", "fsdp", "expert"), None, "tensor", None))
   rows = NamedSharding(mesh, P(("data", "fsdp", "expert")))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
 
-from helpers import jit, random_params, require_shared
+from helpers import jit, random_params, require_shared, tpu_devices
 from numina_jax.model import GptOssConfig, forward, param_specs, tiny_config
 from numina_jax.sharding import MESH_AXES, logical_to_spec, make_mesh, param_shardings
 
@@ -189,11 +189,7 @@ def test_make_mesh_errors(shape, message):
 def test_a_tpu_mesh_follows_the_torus_even_where_an_axis_splits_a_physical_one():
   """The shipped v5p-128 mesh (fsdp 4 x expert 8 x tensor 2) needs a physical axis split; the tensor pairs are
   still torus neighbours, and an impossible layout is an error, never plain device order."""
-  try:
-    from jax.experimental import topologies
-    devices = list(topologies.get_topology_desc(topology_name="v5p:4x4x4", platform="tpu").devices)
-  except Exception as e:  # noqa: BLE001 - libtpu absent or unable to describe the topology
-    pytest.skip(f"needs libtpu to describe a TPU topology ({type(e).__name__}: {e})")
+  devices = tpu_devices("v5p:4x4x4")
   mesh = make_mesh({"fsdp": 4, "expert": 8, "tensor": 2}, devices)
   for pair in mesh.devices.reshape(-1, 2):
     a, b = (np.asarray(d.coords) for d in pair)
