@@ -1,5 +1,5 @@
-"""Shared test helpers: the tiny random transformers gpt-oss (with our config and flat params), the real MXFP4
-checkpoint layout written from it, the shared folder, and TPU slices described by libtpu."""
+"""Shared test helpers: the tiny random transformers gpt-oss (with our config and flat params), its weights to ours
+and back, the real MXFP4 checkpoint layout, the shared folder, and TPU slices described by libtpu."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Mapping
 import numpy as np
 import pytest
 
-from numina_jax.hf.keymap import MXFP4_EXPERT_TENSORS, hf_to_ours, split_layer
+from numina_jax.hf.keymap import ENTRIES, MXFP4_EXPERT_TENSORS, hf_to_ours, ours_to_hf, split_layer
 from numina_jax.model.config import GptOssConfig
 
 # Every dimension distinct, so a wrong transpose or reshape cannot pass by accident: 6 query heads of 16 over
@@ -67,6 +67,23 @@ def hf_state_to_params(state_dict: Mapping[str, object], cfg: GptOssConfig) -> d
     assert sorted(slot) == list(range(L)), f"{k}: layers {sorted(slot)} of {L}"
     out[k] = np.stack([slot[i] for i in range(L)])
   return out
+
+
+def hf_model_from_params(params: Mapping[str, object], cfg: GptOssConfig):
+  """transformers' GptOssForCausalLM (fp32, eval) holding our flat `params`, through the inverse keymap; every
+  tensor of the model is set (a strict `load_state_dict`)."""
+  import torch
+  from transformers import GptOssConfig as HFConfig, GptOssForCausalLM
+  host = {k: np.array(v, np.float32) for k, v in params.items()}  # writable copies: torch shares their memory
+  state = {}
+  for entry in ENTRIES:
+    for layer in (range(cfg.num_hidden_layers) if entry.per_layer else [None]):
+      sliced = {k: (v[layer] if entry.per_layer and k.startswith("layers/") else v) for k, v in host.items()}
+      name = entry.hf_name.format(i=layer) if entry.per_layer else entry.hf_name
+      state[name] = torch.from_numpy(ours_to_hf(sliced, cfg, layer, entry))
+  model = GptOssForCausalLM(HFConfig(**cfg.to_hf_dict())).eval()
+  model.load_state_dict(state, strict=True)
+  return model
 
 
 def randomize_hf_model(model, seed: int = 0):
