@@ -119,13 +119,13 @@ def _dump(table: dict) -> str:
   return f'{{"mesh": {json.dumps(table["mesh"])},\n "params": {{\n{rows}\n }}\n}}\n'
 
 
+def test_120b_config_is_the_released_one():
+  # The golden table below is built from `_config_120b()` alone; this confirms that config is the release's.
+  assert _config_120b() == GptOssConfig.from_pretrained(str(require_shared("hf/gpt-oss-120b/config.json")))
+
+
 def test_golden_120b_sharding():
-  cfg = _config_120b()
-  try:
-    assert cfg == GptOssConfig.from_pretrained(str(require_shared("hf/gpt-oss-120b/config.json")))
-  except pytest.skip.Exception:
-    pass  # the table does not need the file; the file only confirms the config
-  table = _table(cfg)
+  table = _table(_config_120b())
   if os.environ.get("UPDATE_GOLDEN") == "1":
     GOLDEN.parent.mkdir(exist_ok=True)
     GOLDEN.write_text(_dump(table))
@@ -148,6 +148,32 @@ def test_golden_120b_facts():
   assert table["embed"]["spec"] == ["tensor", "fsdp"] and table["embed"]["shard"] == [201088 // 4, 2880 // 16]
   assert table["layers/q_w"]["shard"] == [36, 2880 // 16, 64 // 4, 64]
   assert all(set(e["spec"]) == {None} for k, e in table.items() if k.endswith("norm"))
+
+
+# Written by hand from DEFAULT_RULES (vocab -> tensor, embed -> fsdp, q/kv heads -> tensor, experts -> expert,
+# mlp -> tensor; head_dim, layers and the router's expert axis replicated) for the 120b sizes (vocab 201088, hidden
+# 2880, 64 query heads and 8 kv heads of 64, 128 experts of width 2880, 36 layers) on fsdp 16 x expert 8 x tensor 4,
+# where every one of these sizes divides its mesh axes.
+HAND_120B = {
+    "embed": (P("tensor", "fsdp"), (201088 // 4, 2880 // 16)),
+    "lm_head": (P("fsdp", "tensor"), (2880 // 16, 201088 // 4)),
+    "layers/q_w": (P(None, "fsdp", "tensor", None), (36, 2880 // 16, 64 // 4, 64)),
+    "layers/k_w": (P(None, "fsdp", "tensor", None), (36, 2880 // 16, 8 // 4, 64)),
+    "layers/o_w": (P(None, "tensor", None, "fsdp"), (36, 64 // 4, 64, 2880 // 16)),
+    "layers/gate_w": (P(None, "expert", "fsdp", "tensor"), (36, 128 // 8, 2880 // 16, 2880 // 4)),
+    "layers/down_w": (P(None, "expert", "tensor", "fsdp"), (36, 128 // 8, 2880 // 4, 2880 // 16)),
+    "layers/router_w": (P(None, "fsdp", None), (36, 2880 // 16, 128)),
+    "layers/router_b": (P(None, None), (36, 128)),
+}
+
+
+def test_hand_written_120b_specs_match_the_rules_and_the_golden_table():
+  mesh = AbstractMesh(tuple(GOLDEN_MESH[a] for a in MESH_AXES), MESH_AXES)
+  shardings = param_shardings(param_specs(_config_120b()), mesh)
+  golden = json.loads(GOLDEN.read_text())["params"]
+  for name, (spec, shard) in HAND_120B.items():
+    assert shardings[name].spec == spec, (name, shardings[name].spec)
+    assert golden[name]["spec"] == list(spec) and golden[name]["shard"] == list(shard), (name, golden[name])
 
 
 # Rules and mesh construction ------------------------------------------------------------------------------------
