@@ -175,7 +175,8 @@ def test_splash_under_shard_map_matches_xla(window):
     fn = jax.jit(functools.partial(_core_grads, "splash", window, 128))
     text = fn.lower(*args).as_text()
     o, g = fn(*args)
-  assert "shard_map" in text or "sdy.manual_computation" in text  # the kernel runs per shard
+  # The kernel runs per shard: a manual computation (Shardy, jax's default) or its GSPMD lowering.
+  assert ("sdy.manual_computation" if jax.config.jax_use_shardy_partitioner else "SPMDFullToShardShape") in text
   assert o.sharding.spec[0] is not None and o.sharding.spec[2] == "tensor"
   # Measured: outputs to 5e-7, gradients to 3e-6.
   np.testing.assert_allclose(np.asarray(o), np.asarray(ref_o), atol=5e-6, rtol=0)
@@ -243,5 +244,4 @@ def test_splash_flops_count_the_tiles_the_kernel_visits(seq):
   if seq == 2048:  # by hand: 4 tiles of 512; causal visits 10 of 16, the 128-window only the diagonal and below
     assert visited == 10 + 7
   # Sharded 4 x 2: each device has 1 row and 4 of the 8 heads.
-  if jax.device_count() >= 8:
-    assert A.splash_train_flops(cfg, 4, seq, make_mesh({"fsdp": 4, "tensor": 2}), recompute=False) == want / 8
+  assert A.splash_train_flops(cfg, 4, seq, make_mesh({"fsdp": 4, "tensor": 2}), recompute=False) == want / 8
