@@ -2,31 +2,21 @@
 
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from helpers import require_shared
 from numina_jax.data import DEMO_VOCAB_SIZE, default_data_config, demo_tokenizer, format_example
 from numina_jax.data import harmony
 from numina_jax.data.boxed import last_boxed
 
-SHARED = Path(os.environ.get("NUMINA_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-TOKENIZER_DIR = SHARED / "hf" / "gpt-oss-20b"
-TIKTOKEN_DIR = SHARED / "tokenizers" / "tiktoken"
-SAMPLES = SHARED / "data" / "numina-samples"
-
-
-def _need(path: Path) -> None:
-  if not path.exists():
-    pytest.skip(f"needs {path} (set NUMINA_SHARED to the shared folder)")
-
 
 @pytest.fixture(scope="module")
 def oh():
-  _need(TIKTOKEN_DIR / "o200k_base.tiktoken")
-  os.environ["TIKTOKEN_ENCODINGS_BASE"] = str(TIKTOKEN_DIR)
-  return pytest.importorskip("openai_harmony")
+  os.environ["TIKTOKEN_ENCODINGS_BASE"] = str(require_shared("tokenizers/tiktoken/o200k_base.tiktoken").parent)
+  import openai_harmony
+  return openai_harmony
 
 
 @pytest.fixture(scope="module")
@@ -36,14 +26,12 @@ def enc(oh):
 
 @pytest.fixture(scope="module")
 def tok():
-  _need(TOKENIZER_DIR / "tokenizer.json")
   from transformers import AutoTokenizer
-  return AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+  return AutoTokenizer.from_pretrained(str(require_shared("hf/gpt-oss-20b/tokenizer.json").parent))
 
 
 def _rows(name):
-  path = SAMPLES / f"NuminaMath-{name}.sample.jsonl"
-  _need(path)
+  path = require_shared(f"data/numina-samples/NuminaMath-{name}.sample.jsonl")
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 

@@ -6,7 +6,6 @@ host must tokenize only its own share of the rows, on its own disk.
 
 import json
 import logging
-import socket
 import subprocess
 import sys
 import threading
@@ -16,7 +15,7 @@ import pytest
 
 from numina_jax.data import BATCH_KEYS, BadRowError, default_data_config, demo_tokenizer, make_pipeline
 from numina_jax.data.tokenized import row_shards
-from multihost import cpu_env
+from multihost import cpu_env, free_port
 
 SEQ = 512
 B = 8  # global batch: 8 row slots
@@ -257,9 +256,7 @@ def test_two_processes_with_jax_process_allgather(tok, tmp_path):
   path = tmp_path / "rows.jsonl"
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))
   flat = {"dataset_name": str(path), "eval_size": 0.0, "progress_bar": False, "pack_window": 64}
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
+  port = free_port()
   env = cpu_env(4)
   procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(port), str(p),
                              json.dumps({**flat, "cache_dir": str(tmp_path / f"host{p}")}), str(tmp_path / f"{p}.npz")],

@@ -14,6 +14,7 @@ import pytest
 from numina_jax.sampling.engine import EngineError, EngineSampler, parse_choice, request_body
 from numina_jax.sampling.types import SamplingParams
 import vllm_fixtures
+from multihost import free_port
 
 LOGPROB_TOL = 1e-4
 # Prompt lengths on both sides of the window (8); with up to 24 new tokens every sequence outgrows it.
@@ -241,10 +242,7 @@ def test_server_errors_name_the_url_and_the_servers_message_and_are_not_retried(
 
 
 def test_a_dead_url_is_an_error_naming_it():
-  import socket
-  with socket.socket() as s:  # a port nobody listens on
-    s.bind(("127.0.0.1", 0))
-    dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+  dead = f"http://127.0.0.1:{free_port()}"  # a port nobody listens on
   with pytest.raises(EngineError, match=rf"GET {dead}/v1/models: ConnectError: .*is a server running there\? "
                                         r"\(gave up after 2 tries\)") as err:
     EngineSampler([dead], retries=1)

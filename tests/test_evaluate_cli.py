@@ -185,7 +185,6 @@ def test_checkpoint_backend_end_to_end(aime, tmp_path, capsys):
   """A tiny random gpt-oss saved as an Orbax checkpoint, sampled in this process on an 8-device mesh. Its tokens
   are noise, so traces end by length or as malformed; the point is the wiring from flags to files. One round: each
   new prompt length compiles the sampler's steps again."""
-  pytest.importorskip("numina_jax.sampling.jax_sampler")
   from helpers import random_params
   from numina_jax.checkpoint import save_params
   from numina_jax.data import DEMO_VOCAB_SIZE

@@ -5,15 +5,15 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from safetensors import safe_open  # noqa: E402
-
-from hf_fixtures import TINY_MXFP4, tiny_hf_model, write_mxfp4_checkpoint  # noqa: E402
-from numina_jax import convert  # noqa: E402
-from numina_jax.checkpoint import load_params  # noqa: E402
-from numina_jax.hf.load import SafetensorsCheckpoint  # noqa: E402
+from helpers import MXFP4_OVERRIDES, tiny_hf_model, write_mxfp4_checkpoint
+from numina_jax import convert
+from numina_jax.checkpoint import load_params
+from numina_jax.hf.load import SafetensorsCheckpoint
 
 
 def _tensors(directory):
@@ -27,14 +27,13 @@ def _tensors(directory):
 
 @pytest.fixture(scope="module")
 def mxfp4_dir(tmp_path_factory):
-  pytest.importorskip("torch")
   path = str(tmp_path_factory.mktemp("mx"))
-  write_mxfp4_checkpoint(tiny_hf_model(seed=5, **TINY_MXFP4), path, n_files=3)
+  model, _, _ = tiny_hf_model(seed=5, **MXFP4_OVERRIDES)
+  write_mxfp4_checkpoint(model, path, n_files=3)
   return path
 
 
 def test_import_then_export_round_trip(mxfp4_dir, tmp_path, capsys):
-  torch = pytest.importorskip("torch")
   ckpt, hf_out = str(tmp_path / "ckpt"), str(tmp_path / "hf")
   assert convert.main(["import", "--hf", mxfp4_dir, "--out", ckpt, "--dtype", "float32",
                        "--mesh", "fsdp=2,tensor=2,expert=2"]) == 0

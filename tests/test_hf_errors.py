@@ -4,20 +4,18 @@ import json
 import os
 import shutil
 
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from safetensors.numpy import load_file, save_file  # noqa: E402
-
-from hf_fixtures import TINY  # noqa: E402
-from numina_jax.hf.keymap import expected_hf_names, ENTRY_BY_NAME, split_layer  # noqa: E402
-from numina_jax.hf.load import CheckpointError, load_pretrained_params  # noqa: E402
-from numina_jax.model.config import GptOssConfig  # noqa: E402
+from helpers import TINY_HF
+from numina_jax.hf.keymap import expected_hf_names, ENTRY_BY_NAME, split_layer
+from numina_jax.hf.load import CheckpointError, load_pretrained_params
+from numina_jax.model.config import GptOssConfig
 
 
 def _cfg_dict():
-  cfg = GptOssConfig(**{k: v for k, v in TINY.items() if k != "rope_scaling"},
-                     rope_original_max_position_embeddings=64, rope_truncate=False)
+  cfg = GptOssConfig.from_hf_dict({**TINY_HF, "model_type": "gpt_oss"})
   return cfg, cfg.to_hf_dict()
 
 
@@ -81,22 +79,22 @@ def test_unexpected_tensors_are_listed(good, tmp_path):
 
 
 def test_shape_mismatch_names_tensor_and_shapes(good, tmp_path):
-  path = _variant(tmp_path, good, replace={"model.layers.1.self_attn.k_proj.weight": np.zeros((48, 32), np.float32)})
-  with pytest.raises(CheckpointError, match=r"model\.layers\.1\.self_attn\.k_proj\.weight: got \(48, 32\), "
-                                            r"expected \(32, 48\)"):
+  path = _variant(tmp_path, good, replace={"model.layers.1.self_attn.k_proj.weight": np.zeros((40, 32), np.float32)})
+  with pytest.raises(CheckpointError, match=r"model\.layers\.1\.self_attn\.k_proj\.weight: got \(40, 32\), "
+                                            r"expected \(32, 40\)"):
     load_pretrained_params(path, progress=False)
 
 
 def test_mxfp4_pairs_and_widths(good, tmp_path):
   name = "model.layers.0.mlp.experts.down_proj"
-  path = _variant(tmp_path, good, drop=(name,), add={name + "_blocks": np.zeros((5, 48, 1, 16), np.uint8)})
+  path = _variant(tmp_path, good, drop=(name,), add={name + "_blocks": np.zeros((8, 40, 1, 16), np.uint8)})
   with pytest.raises(CheckpointError, match=name + "_scales"):
     load_pretrained_params(path, progress=False)
   shutil.rmtree(path)
-  path = _variant(tmp_path, good, drop=(name,), add={name + "_blocks": np.zeros((5, 48, 1, 16), np.uint8),
-                                                    name + "_scales": np.zeros((5, 48, 1), np.uint8)})
-  # The expert width (40) of this config is no multiple of the MXFP4 group (32).
-  with pytest.raises(CheckpointError, match=name + "_blocks: MXFP4 needs the input width 40"):
+  path = _variant(tmp_path, good, drop=(name,), add={name + "_blocks": np.zeros((8, 40, 1, 16), np.uint8),
+                                                    name + "_scales": np.zeros((8, 40, 1), np.uint8)})
+  # The expert width (24) of this config is no multiple of the MXFP4 group (32).
+  with pytest.raises(CheckpointError, match=name + "_blocks: MXFP4 needs the input width 24"):
     load_pretrained_params(path, progress=False)
 
 

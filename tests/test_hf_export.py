@@ -4,18 +4,16 @@ matches transformers' own save_pretrained."""
 import json
 import os
 
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
 
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-torch = pytest.importorskip("torch")
-
-from hf_fixtures import hf_logits, tiny_hf_model, token_ids  # noqa: E402
-from numina_jax.hf import load_pretrained, save_pretrained  # noqa: E402
-from numina_jax.hf.export import REAL_GENERATION_CONFIG, generation_config, parse_size  # noqa: E402
-from numina_jax.model.config import GptOssConfig  # noqa: E402
-from numina_jax.sharding import make_mesh  # noqa: E402
+from helpers import hf_logits, tiny_hf_model, token_ids
+from numina_jax.hf import load_pretrained, save_pretrained
+from numina_jax.hf.export import REAL_GENERATION_CONFIG, generation_config, parse_size
+from numina_jax.model.config import GptOssConfig
+from numina_jax.sharding import make_mesh
 
 
 def _headers(directory):
@@ -32,7 +30,7 @@ def _headers(directory):
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
-  model = tiny_hf_model(seed=3)
+  model, _, _ = tiny_hf_model(seed=3)
   path = str(tmp_path_factory.mktemp("hf_src"))
   model.save_pretrained(path)
   ids = token_ids(model.config.vocab_size, seed=3)

@@ -1,41 +1,27 @@
 """Loading HF gpt-oss checkpoints (dense, and the real MXFP4 layout) against transformers, with and without a
 device mesh."""
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from jax.sharding import PartitionSpec as P
 
-torch = pytest.importorskip("torch")
-
-from hf_fixtures import TINY_MXFP4, hf_logits, tiny_hf_model, token_ids, write_mxfp4_checkpoint  # noqa: E402
-from numina_jax.hf import keymap  # noqa: E402
-from numina_jax.hf.load import (SafetensorsCheckpoint, _writer, load_pretrained, load_pretrained_params,  # noqa: E402
+from helpers import (MXFP4_OVERRIDES, hf_logits, hf_state_to_params, require_shared, tiny_hf_model, token_ids,
+                     write_mxfp4_checkpoint)
+from multihost import cpu_env, free_port
+from numina_jax.hf import keymap
+from numina_jax.hf.load import (SafetensorsCheckpoint, _writer, load_pretrained, load_pretrained_params,
                                 read_window)
-from numina_jax.model.config import GptOssConfig  # noqa: E402
-from numina_jax.model.params import param_specs  # noqa: E402
-from numina_jax.sharding import make_mesh, param_shardings  # noqa: E402
-from multihost import cpu_env  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
-
-
-def _ours_from_hf_state(model, cfg):
-  """Reference: transformers' (dequantized) state dict through the keymap, layers stacked."""
-  parts = {}
-  for name, t in model.state_dict().items():
-    layer, _ = keymap.split_layer(name)
-    for k, v in keymap.hf_to_ours(name, t.detach().float().numpy(), cfg).items():
-      if k.startswith("layers/"):
-        parts.setdefault(k, {})[layer] = v
-      else:
-        parts[k] = v
-  return {k: np.stack([v[i] for i in range(cfg.num_hidden_layers)]) if isinstance(v, dict) else v
-          for k, v in parts.items()}
+from numina_jax.model.config import GptOssConfig
+from numina_jax.model.params import param_specs
+from numina_jax.sharding import make_mesh, param_shardings
 
 
 @pytest.fixture(scope="module")
 def dense(tmp_path_factory):
-  model = tiny_hf_model(seed=0)
+  model, _, _ = tiny_hf_model(seed=0)
   path = str(tmp_path_factory.mktemp("dense"))
   model.save_pretrained(path)
   ids = token_ids(model.config.vocab_size)
@@ -44,11 +30,11 @@ def dense(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory):
-  """The real on-disk MXFP4 layout (4 experts so an expert mesh axis of 2 shards them), and transformers'
+  """The real on-disk MXFP4 layout (vocab 300 so a tensor mesh axis of 2 splits it), and transformers'
   dequantizing load of it in fp32 as the reference."""
   from transformers import AutoModelForCausalLM, Mxfp4Config
 
-  source = tiny_hf_model(seed=1, **dict(TINY_MXFP4, num_local_experts=4))
+  source, _, _ = tiny_hf_model(seed=1, **MXFP4_OVERRIDES, vocab_size=300)
   path = str(tmp_path_factory.mktemp("mxfp4"))
   write_mxfp4_checkpoint(source, path, n_files=2)
   ref = AutoModelForCausalLM.from_pretrained(path, quantization_config=Mxfp4Config(dequantize=True),
@@ -70,7 +56,7 @@ def test_dense_logits_match_transformers(dense):
 def test_dense_params_exact_and_bf16(dense):
   path, model, _, _ = dense
   cfg = GptOssConfig.from_pretrained(path)
-  want = _ours_from_hf_state(model, cfg)
+  want = hf_state_to_params(model.state_dict(), cfg)
   params, _ = load_pretrained_params(path, progress=False)
   for name, w in want.items():
     np.testing.assert_array_equal(np.asarray(params[name]), w, err_msg=name)
@@ -87,7 +73,7 @@ def test_mxfp4_dequantized_weights_and_logits_match_transformers(quantized):
   assert ckpt.tensors["model.layers.0.mlp.experts.gate_up_proj_blocks"].dtype == "U8"
   assert ckpt.tensors["model.layers.0.self_attn.sinks"].dtype == "BF16"
   model = load_pretrained(path, progress=False)
-  want = _ours_from_hf_state(ref, model.cfg)
+  want = hf_state_to_params(ref.state_dict(), model.cfg)
   got = model.params_dict()
   for name, w in want.items():
     np.testing.assert_array_equal(np.asarray(got[name]), w, err_msg=name)  # bit-exact dequantization
@@ -128,13 +114,13 @@ def test_mesh_load_shardings_and_logits(quantized):
   want = param_shardings(param_specs(model.cfg), mesh)
   for name, arr in params.items():
     assert arr.sharding.is_equivalent_to(want[name], arr.ndim), (name, arr.sharding, want[name])
-  # The rules, spelled out for the tensors that matter most (E=4, D=64, I=96, V=300, 6 heads, 2 kv heads).
+  # The rules, spelled out for the tensors that matter most (E=8, D=64, I=96, V=300, 6 heads, 2 kv heads).
   assert params["layers/gate_w"].sharding.spec == P(None, "expert", "fsdp", "tensor")
   assert params["layers/down_w"].sharding.spec == P(None, "expert", "tensor", "fsdp")
   assert params["layers/q_w"].sharding.spec == P(None, "fsdp", "tensor", None)
   assert params["embed"].sharding.spec == P("tensor", "fsdp")
   assert len(params["layers/gate_w"].addressable_shards) == 8
-  assert params["layers/gate_w"].addressable_shards[0].data.shape == (4, 2, 32, 48)
+  assert params["layers/gate_w"].addressable_shards[0].data.shape == (4, 4, 32, 48)
   single, _ = load_pretrained_params(path, progress=False)
   for name, arr in params.items():
     np.testing.assert_array_equal(np.asarray(arr), np.asarray(single[name]), err_msg=name)
@@ -156,7 +142,7 @@ def test_pieces_exact_and_nothing_stays_mapped(quantized, on_host, monkeypatch):
   monkeypatch.setattr(load, "_fills_on_host", lambda devices: on_host)
   path, ref, _, _ = quantized
   cfg = GptOssConfig.from_pretrained(path)
-  want = _ours_from_hf_state(ref, cfg)
+  want = hf_state_to_params(ref.state_dict(), cfg)
   whole, _ = load_pretrained_params(path, "bfloat16", make_mesh({"fsdp": 2, "tensor": 2, "expert": 2}),
                                     progress=False)
   # 32 KiB: the embedding and lm_head (300 x 64) go in 128-row pieces with a ragged tail, the experts one expert
@@ -202,15 +188,12 @@ def test_two_hosts_load_their_shards_in_pieces(quantized, tmp_path):
   written in place through the global mesh, and together they hold transformers' values (in bf16) on every
   device exactly once."""
   import pickle
-  import socket
   import subprocess
   import sys
 
   path, ref, _, _ = quantized
-  want = _ours_from_hf_state(ref, GptOssConfig.from_pretrained(path))
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
+  want = hf_state_to_params(ref.state_dict(), GptOssConfig.from_pretrained(path))
+  port = free_port()
   env = cpu_env(4)
   hosts = [subprocess.Popen([sys.executable, "-c", HOST, f"127.0.0.1:{port}", str(i), path,
                              str(tmp_path / f"host{i}.pkl")], env=env, text=True,
@@ -268,10 +251,9 @@ def test_without_mesh_params_sit_on_the_default_device(dense):
 @pytest.mark.parametrize("size,layers,experts", [("20b", 24, 32), ("120b", 36, 128)])
 def test_released_tensor_table(size, layers, experts):
   """The names and MXFP4 shapes the loader expects for the released configs, as in the spec's table."""
-  from hf_fixtures import shared_path
   from numina_jax.hf.load import _mxfp4_shapes
 
-  cfg = GptOssConfig.from_pretrained(str(shared_path(f"hf/gpt-oss-{size}")))
+  cfg = GptOssConfig.from_pretrained(str(require_shared(f"hf/gpt-oss-{size}")))
   names = keymap.expected_hf_names(cfg)
   packed = [n for n in names if n.endswith(keymap.MXFP4_EXPERT_TENSORS)]
   assert len(names) + len(packed) == 19 * layers + 3  # blocks and scales count separately: 459 / 687

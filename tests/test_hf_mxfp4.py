@@ -1,10 +1,11 @@
 """MXFP4 decoding against hand-computed values and transformers' own dequantizer; windows; the encoder."""
 
+import numpy as np
+import pytest
+import torch
+from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-from numina_jax.hf import mxfp4  # noqa: E402
+from numina_jax.hf import mxfp4
 
 
 def _one_group(byte_values, scale):
@@ -47,9 +48,6 @@ def test_groups_and_leading_axes():
 
 
 def test_matches_transformers_dequantizer():
-  torch = pytest.importorskip("torch")
-  from transformers.integrations.mxfp4 import convert_moe_packed_tensors
-
   rng = np.random.default_rng(0)
   blocks = rng.integers(0, 256, (3, 5, 4, 16), dtype=np.uint8)
   scales = rng.integers(90, 160, (3, 5, 4), dtype=np.uint8)
@@ -65,9 +63,6 @@ def test_matches_transformers_dequantizer():
 def test_every_scale_and_byte_matches_transformers():
   """The decoder's (scale, byte) table against transformers for all 256 x 256 pairs in fp32: subnormal results at
   the lowest scales, and inf where 6 * 2**128 overflows at scale 255."""
-  torch = pytest.importorskip("torch")
-  from transformers.integrations.mxfp4 import convert_moe_packed_tensors
-
   blocks = np.broadcast_to(np.arange(256, dtype=np.uint8).reshape(16, 16), (256, 16, 16))[None].copy()
   scales = np.broadcast_to(np.arange(256, dtype=np.uint8)[:, None], (256, 16))[None].copy()
   ours = mxfp4.dequantize(blocks, scales)

@@ -1,26 +1,15 @@
 """The HLO reader: whole-program FLOPs and collective bytes per device, with every loop body counted as often as its
 loop runs, held to hand counts on CPU and on a TPU topology compiled from this host."""
 
-import os
-
 import jax
 import jax.numpy as jnp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from helpers import tpu_devices
 from numina_jax import hlo
 
 F32 = 4  # bytes
-
-
-def tpu_devices(name="v5p:2x2x1"):
-  # Another process compiling for TPU at the same time holds libtpu's lock file.
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  try:
-    from jax.experimental import topologies
-    return list(topologies.get_topology_desc(topology_name=name, platform="tpu").devices)
-  except Exception as e:  # no libtpu
-    pytest.skip(f"needs libtpu to compile for {name} ({type(e).__name__}: {e})")
 
 
 def scanned_collectives(devices, trips: int) -> str:

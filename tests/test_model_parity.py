@@ -10,15 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import TINY_SEQ, jit
+from helpers import TINY_SEQ, hf_logits, jit, token_ids
 from numina_jax.model import REMAT_POLICIES, forward
 from numina_jax.model.moe import load_balancing_loss
 
 FP32_TOL = 1e-4
-
-
-def _ids(cfg, batch=2, seq=TINY_SEQ, seed=0):
-  return np.random.RandomState(seed).randint(0, cfg.vocab_size, (batch, seq))
 
 
 def _default_pos_seg(ids, positions, segment_ids):
@@ -27,11 +23,6 @@ def _default_pos_seg(ids, positions, segment_ids):
   positions = np.broadcast_to(np.arange(T), (B, T)) if positions is None else positions
   segment_ids = np.ones((B, T)) if segment_ids is None else segment_ids
   return jnp.asarray(positions, jnp.int32), jnp.asarray(segment_ids, jnp.int32)
-
-
-def _hf_logits(model, ids, **kwargs):
-  with torch.no_grad():
-    return model(torch.tensor(ids), **kwargs).logits.float().numpy()
 
 
 @functools.lru_cache(maxsize=None)
@@ -71,8 +62,8 @@ def _loss_and_grad(cfg, params, ids, positions=None, segment_ids=None, policy="n
 @pytest.fixture(scope="module")
 def hf_ref(tiny_hf):
   model, cfg, params = tiny_hf
-  ids = _ids(cfg)
-  return ids, _hf_logits(model, ids)
+  ids = token_ids(cfg.vocab_size)
+  return ids, hf_logits(model, ids)
 
 
 @pytest.mark.parametrize("kernel,tile", [("dense", 64), ("ragged", 64), ("tiled", 64), ("tiled", 3)])
@@ -90,9 +81,9 @@ def test_fp32_long_sequence_matches_transformers(tiny_hf, attention):
   # 300 tokens: sliding layers run five 64-query blocks, full layers the folded triangle of two 150-token
   # blocks (the 23-token tests fit in one block, where the xla path is the dense one).
   model, cfg, params = tiny_hf
-  ids = _ids(cfg, batch=1, seq=300, seed=6)
+  ids = token_ids(cfg.vocab_size, batch=1, seq=300, seed=6)
   out = _fwd(cfg, params, ids, attention=attention)
-  np.testing.assert_allclose(out, _hf_logits(model, ids), atol=FP32_TOL, rtol=0)
+  np.testing.assert_allclose(out, hf_logits(model, ids), atol=FP32_TOL, rtol=0)
 
 
 def test_yarn_long_positions_match_transformers(tiny_hf):
@@ -100,12 +91,12 @@ def test_yarn_long_positions_match_transformers(tiny_hf):
   # original_max_position_embeddings (64), row 1 spans most of the scaled range (up to 2048).
   model, cfg, params = tiny_hf
   assert cfg.rope_factor > 1
-  ids = _ids(cfg, seed=1)
+  ids = token_ids(cfg.vocab_size, seed=1)
   T = ids.shape[1]
   positions = np.stack([40 + 2 * np.arange(T), 1500 + 21 * np.arange(T)])
   assert positions.min() < cfg.rope_original_max_position_embeddings < positions.max()
   assert positions.max() < cfg.max_position_embeddings
-  ref = _hf_logits(model, ids, position_ids=torch.tensor(positions))
+  ref = hf_logits(model, ids, position_ids=torch.tensor(positions))
   out = _fwd(cfg, params, ids, positions=positions, moe_kernel="tiled")
   np.testing.assert_allclose(out, ref, atol=FP32_TOL, rtol=0)
   # The positions matter: the default 0..T-1 gives different logits.
@@ -121,7 +112,7 @@ def test_bf16_close_to_fp32(tiny_hf, hf_ref):
   ids, ref32 = hf_ref
   p16 = {k: jnp.asarray(v, jnp.bfloat16) for k, v in params.items()}
   ours16 = _fwd(cfg, p16, ids, dtype="bfloat16")
-  hf16 = _hf_logits(copy.deepcopy(model).to(torch.bfloat16), ids)  # the shared fp32 model stays untouched
+  hf16 = hf_logits(copy.deepcopy(model).to(torch.bfloat16), ids)  # the shared fp32 model stays untouched
   ours_err = np.abs(ours16 - ref32).max()
   hf_err = np.abs(hf16 - ref32).max()
   assert ours_err < 0.3, ours_err
@@ -134,7 +125,7 @@ def test_bf16_close_to_fp32(tiny_hf, hf_ref):
 @pytest.mark.parametrize("padded", [False, True])
 def test_router_aux_loss_matches_transformers(tiny_hf, padded):
   model, cfg, params = tiny_hf
-  ids = _ids(cfg, seed=2)
+  ids = token_ids(cfg.vocab_size, seed=2)
   B, T = ids.shape
   mask = np.ones((B, T), np.int64)
   if padded:
@@ -175,7 +166,7 @@ def test_aux_loss_hand_computed():
 @pytest.fixture(scope="module")
 def remat_reference(tiny_hf):
   _, cfg, params = tiny_hf
-  ids = _ids(cfg, seed=3)
+  ids = token_ids(cfg.vocab_size, seed=3)
   return ids, _loss_and_grad(cfg, params, ids)
 
 
@@ -206,7 +197,7 @@ def test_packed_sequences_match_separate(tiny_hf):
   out = _fwd(cfg, params, packed, positions=pos, segment_ids=seg)
   np.testing.assert_allclose(out[0, :n], sep[0], atol=1e-5, rtol=0)
   np.testing.assert_allclose(out[0, n:], sep[1], atol=1e-5, rtol=0)
-  np.testing.assert_allclose(out[0, n:], _hf_logits(model, docs[1:])[0], atol=FP32_TOL, rtol=0)
+  np.testing.assert_allclose(out[0, n:], hf_logits(model, docs[1:])[0], atol=FP32_TOL, rtol=0)
   # Without segment ids the second document sees the first: the comparison above can fail.
   unseg = _fwd(cfg, params, packed, positions=pos)
   assert np.abs(unseg[0, n:] - sep[1]).max() > 1e-2

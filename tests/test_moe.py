@@ -4,9 +4,7 @@ keeps the op's documented semantics, and a TPU compile keeps the real ragged-all
 
 import functools
 import math
-import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +15,8 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from helpers import jit, random_params
+from helpers import jit, random_params, tpu_devices
+from multihost import cpu_env, free_port
 from numina_jax.loss import loss_terms
 from numina_jax.model import forward, param_specs, tiny_config
 from numina_jax.model import moe
@@ -321,11 +320,8 @@ def test_ragged_all_to_all_emulation_random():
 def test_two_processes_with_the_expert_axis_across_them():
   # As on a multi-host slice: two processes of 4 CPU devices each form one 8-device mesh (expert 4 x tensor 2)
   # whose expert axis crosses the process boundary; the dispatch and its gradients run over the network.
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  repo = Path(__file__).resolve().parents[1]
-  env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+  port = free_port()
+  env = cpu_env(4)
   script = str(Path(__file__).with_name("moe_two_process.py"))
   procs = [subprocess.Popen([sys.executable, script, str(i), str(port)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env) for i in range(2)]
@@ -343,12 +339,7 @@ def test_two_processes_with_the_expert_axis_across_them():
 # The real op, compiled for a TPU slice ---------------------------------------------------------------------------
 def _tpu_moe_hlo(shape: dict, xb: int, xt: int) -> str:
   """The compiled TPU HLO of one MoE layer's forward (ragged kernel) on a v5p:2x2x1 mesh of `shape`."""
-  try:
-    from jax.experimental import topologies
-    devices = list(topologies.get_topology_desc(topology_name="v5p:2x2x1", platform="tpu").devices)
-  except Exception as e:  # no libtpu
-    pytest.skip(f"needs libtpu to compile for a TPU topology ({type(e).__name__}: {e})")
-  mesh = make_mesh(shape, devices)
+  mesh = make_mesh(shape, tpu_devices("v5p:2x2x1"))
   cfg = tiny_config(hidden_size=128, intermediate_size=128, num_local_experts=8, num_experts_per_tok=2)
   axes = _layer_axes(cfg)
   shapes = {k.split("/")[1]: s.shape[1:] for k, s in param_specs(cfg).items() if k.startswith("layers/")}

@@ -10,7 +10,7 @@ from numina_jax.config import base_config  # noqa: E402
 from numina_jax.metrics import CHIPS, flops_per_token, mean_keys  # noqa: E402
 from numina_jax.model import count_params, tiny_config  # noqa: E402
 from numina_jax.plan import candidate_overrides, make_plan, main, roofline, sweep_table  # noqa: E402
-from test_hlo import tpu_devices  # noqa: E402
+from helpers import tpu_devices  # noqa: E402
 
 
 def test_model_flops_by_hand():

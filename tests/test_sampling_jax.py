@@ -15,7 +15,7 @@ from numina_jax.model import forward
 from numina_jax.sampling import JaxSampler, SamplingParams
 from numina_jax.sampling.jax_sampler import select_tokens
 from numina_jax.sampling.kv_cache import init_cache, extend
-from multihost import cpu_env  # noqa: E402
+from multihost import cpu_env, free_port
 
 MAX_LEN = 64
 # Prompt lengths straddle the sliding window (7): shorter, equal, longer, and longer than the prefill chunk (16).
@@ -277,13 +277,10 @@ def test_two_hosts_agree(tmp_path):
   # Two processes of 4 CPU devices each form one 8-device job (as two hosts of a slice); each runs the host loop
   # on its own, so their stop decisions and drawn seeds must agree.
   import os
-  import socket
   import subprocess
   import sys
   import multihost_sampler_worker as worker
-  with socket.socket() as sock:
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
+  port = free_port()
   here = os.path.dirname(os.path.abspath(__file__))
   env = cpu_env(4)
   env["PYTHONPATH"] = os.pathsep.join([here, env["PYTHONPATH"]])

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
 
-from helpers import jit, random_params, require_shared
+from helpers import jit, random_params, require_shared, tpu_devices
 from numina_jax.model import GptOssConfig, forward, param_specs, tiny_config
 from numina_jax.sharding import MESH_AXES, logical_to_spec, make_mesh, param_shardings
 
@@ -119,13 +119,13 @@ def _dump(table: dict) -> str:
   return f'{{"mesh": {json.dumps(table["mesh"])},\n "params": {{\n{rows}\n }}\n}}\n'
 
 
+def test_120b_config_is_the_released_one():
+  # The golden table below is built from `_config_120b()` alone; this confirms that config is the release's.
+  assert _config_120b() == GptOssConfig.from_pretrained(str(require_shared("hf/gpt-oss-120b/config.json")))
+
+
 def test_golden_120b_sharding():
-  cfg = _config_120b()
-  try:
-    assert cfg == GptOssConfig.from_pretrained(str(require_shared("hf/gpt-oss-120b/config.json")))
-  except pytest.skip.Exception:
-    pass  # the table does not need the file; the file only confirms the config
-  table = _table(cfg)
+  table = _table(_config_120b())
   if os.environ.get("UPDATE_GOLDEN") == "1":
     GOLDEN.parent.mkdir(exist_ok=True)
     GOLDEN.write_text(_dump(table))
@@ -148,6 +148,32 @@ def test_golden_120b_facts():
   assert table["embed"]["spec"] == ["tensor", "fsdp"] and table["embed"]["shard"] == [201088 // 4, 2880 // 16]
   assert table["layers/q_w"]["shard"] == [36, 2880 // 16, 64 // 4, 64]
   assert all(set(e["spec"]) == {None} for k, e in table.items() if k.endswith("norm"))
+
+
+# Written by hand from DEFAULT_RULES (vocab -> tensor, embed -> fsdp, q/kv heads -> tensor, experts -> expert,
+# mlp -> tensor; head_dim, layers and the router's expert axis replicated) for the 120b sizes (vocab 201088, hidden
+# 2880, 64 query heads and 8 kv heads of 64, 128 experts of width 2880, 36 layers) on fsdp 16 x expert 8 x tensor 4,
+# where every one of these sizes divides its mesh axes.
+HAND_120B = {
+    "embed": (P("tensor", "fsdp"), (201088 // 4, 2880 // 16)),
+    "lm_head": (P("fsdp", "tensor"), (2880 // 16, 201088 // 4)),
+    "layers/q_w": (P(None, "fsdp", "tensor", None), (36, 2880 // 16, 64 // 4, 64)),
+    "layers/k_w": (P(None, "fsdp", "tensor", None), (36, 2880 // 16, 8 // 4, 64)),
+    "layers/o_w": (P(None, "tensor", None, "fsdp"), (36, 64 // 4, 64, 2880 // 16)),
+    "layers/gate_w": (P(None, "expert", "fsdp", "tensor"), (36, 128 // 8, 2880 // 16, 2880 // 4)),
+    "layers/down_w": (P(None, "expert", "tensor", "fsdp"), (36, 128 // 8, 2880 // 4, 2880 // 16)),
+    "layers/router_w": (P(None, "fsdp", None), (36, 2880 // 16, 128)),
+    "layers/router_b": (P(None, None), (36, 128)),
+}
+
+
+def test_hand_written_120b_specs_match_the_rules_and_the_golden_table():
+  mesh = AbstractMesh(tuple(GOLDEN_MESH[a] for a in MESH_AXES), MESH_AXES)
+  shardings = param_shardings(param_specs(_config_120b()), mesh)
+  golden = json.loads(GOLDEN.read_text())["params"]
+  for name, (spec, shard) in HAND_120B.items():
+    assert shardings[name].spec == spec, (name, shardings[name].spec)
+    assert golden[name]["spec"] == list(spec) and golden[name]["shard"] == list(shard), (name, golden[name])
 
 
 # Rules and mesh construction ------------------------------------------------------------------------------------
@@ -189,11 +215,7 @@ def test_make_mesh_errors(shape, message):
 def test_a_tpu_mesh_follows_the_torus_even_where_an_axis_splits_a_physical_one():
   """The shipped v5p-128 mesh (fsdp 4 x expert 8 x tensor 2) needs a physical axis split; the tensor pairs are
   still torus neighbours, and an impossible layout is an error, never plain device order."""
-  try:
-    from jax.experimental import topologies
-    devices = list(topologies.get_topology_desc(topology_name="v5p:4x4x4", platform="tpu").devices)
-  except Exception as e:  # noqa: BLE001 - libtpu absent or unable to describe the topology
-    pytest.skip(f"needs libtpu to describe a TPU topology ({type(e).__name__}: {e})")
+  devices = tpu_devices("v5p:4x4x4")
   mesh = make_mesh({"fsdp": 4, "expert": 8, "tensor": 2}, devices)
   for pair in mesh.devices.reshape(-1, 2):
     a, b = (np.asarray(d.coords) for d in pair)

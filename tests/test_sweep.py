@@ -1,13 +1,13 @@
 """Learning-rate sweeps: real short training runs per lr, a table, the best lr."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from multihost import cpu_env
 from numina_jax.sweep import best_of, format_table, parse_lrs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,6 +30,7 @@ def test_best_prefers_eval_loss_and_skips_failures():
   assert "failed (exit 1)" in table and "1.2000" in table
 
 
+@pytest.mark.slow
 def test_sweep_runs_one_training_run_per_lr(tmp_path):
   cmd = [sys.executable, "-m", "numina_jax.sweep", "--lrs", "1e-4,3e-3", "--steps", "3",
          "--workdir", str(tmp_path), "--config.seq_len=256", "--config.global_batch_size=2",
@@ -37,9 +38,7 @@ def test_sweep_runs_one_training_run_per_lr(tmp_path):
          "--config.eval_every_steps=0", "--config.checkpoint_every_steps=0", "--config.plot=False",
          "--config.progress_bar=False", "--config.data.eval_size=8",
          f"--config.data.cache_dir={tmp_path / 'cache'}"]
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device per trial
-  env["JAX_PLATFORMS"] = "cpu"
-  res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+  res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=cpu_env(1))  # 1 device a trial
   assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
   assert "best lr:" in res.stdout
   results = json.loads((tmp_path / "sweep" / "results.json").read_text())
@@ -59,7 +58,8 @@ def test_sweep_runs_one_training_run_per_lr(tmp_path):
   assert results["best"]["lr"] == 3e-3 and "best lr: 0.003" in res.stdout
 
 
+@pytest.mark.slow
 def test_sweep_rejects_unknown_override(tmp_path):
   res = subprocess.run([sys.executable, "-m", "numina_jax.sweep", "--lrs", "1e-5", "--steps", "1",
-                        "--config.lrr=1"], cwd=REPO, capture_output=True, text=True, timeout=120)
+                        "--config.lrr=1"], cwd=REPO, capture_output=True, text=True, timeout=120, env=cpu_env(1))
   assert res.returncode != 0 and "did you mean --config.lr" in res.stderr

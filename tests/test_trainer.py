@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from multihost import cpu_env
 from numina_jax.checkpoint import latest_step, load_params, training_manager
 from numina_jax.config import base_config, check_overrides, validate
 from numina_jax.trainer import NAN_AT_STEP_ENV, NonFiniteLossError, train
@@ -112,10 +113,10 @@ def _cli(workdir, *extra):
           "--config.progress_bar=False", *extra]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_the_next_run_resumes_from(tmp_path):
   wd = tmp_path / "run"
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  env.pop("XLA_FLAGS", None)
+  env = cpu_env(1)
   proc = subprocess.Popen(_cli(wd, "--config.max_steps=100000"), cwd=REPO, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   metrics = wd / "metrics.jsonl"
@@ -157,8 +158,12 @@ def test_bad_override_fails_with_a_clear_message():
   with pytest.raises(ValueError, match=r"--config\.model\.router_aux_loss_coef was renamed "
                                        r"--config\.model\.load_balancing_loss_coef"):
     check_overrides(cfg, ["--config.model.router_aux_loss_coef=0.1"])
+
+
+@pytest.mark.slow
+def test_the_train_cli_names_a_misspelled_override():
   res = subprocess.run([sys.executable, "-m", "numina_jax.train", "--config.optim.wieght_decay=0.1"], cwd=REPO,
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=120, env=cpu_env(1))
   assert res.returncode != 0
   assert "unknown config field --config.optim.wieght_decay; did you mean --config.optim.weight_decay?" in res.stderr
   assert "Traceback" not in res.stderr
@@ -275,6 +280,7 @@ def test_metric_writer_drops_lines_logged_past_the_resume_step(tmp_path):
       (1, 1.0), (2, 2.0), (3, 3.0), (3, 0.5), (4, 40.0)]
 
 
+@pytest.mark.slow
 def test_a_stage_ends_with_sctir_on_its_held_out_problems(tmp_path):
   """The demo's last step, through the CLI: real sampling of the trained model and real sandboxed python on the
   rows the run held out, written by the evaluation CLI's code."""
@@ -293,8 +299,7 @@ def test_a_stage_ends_with_sctir_on_its_held_out_problems(tmp_path):
                             "--config.sctir.at_end=True", "--config.sctir.limit=3", "--config.sctir.samples=2",
                             "--config.sctir.every_steps=1", "--config.checkpoint.best_metric=sctir_maj",
                             "--config.sctir.max_tokens_per_round=16", "--config.sctir.max_len=512"),
-                       cwd=REPO, env={k: v for k, v in {**os.environ, "JAX_PLATFORMS": "cpu"}.items()
-                                      if k != "XLA_FLAGS"}, capture_output=True, text=True, timeout=900)
+                       cwd=REPO, env=cpu_env(1), capture_output=True, text=True, timeout=900)
   assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
   summary = json.loads((wd / "sctir" / "summary.json").read_text())
   assert summary["set"]["problems"] == 3 and summary["backend"]["kind"] == "training"
