@@ -9,8 +9,15 @@ import gcs_emulator
 # Read when fsspec/gcsfs are imported (at collection); forced, so no test can use real credentials.
 os.environ.update(gcs_emulator.IMPORT_TIME_ENV)
 
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+_FLAGS = {
+    "xla_force_host_platform_device_count": "8",
+    # XLA:CPU spends most of a tiny model's test time in LLVM, whose optimizations buy nothing at these sizes (the
+    # HLO passes still run): the compile-bound tests take half the time. Subprocess hosts inherit it (cpu_env).
+    "xla_backend_optimization_level": "0",
+}
+for _flag, _value in _FLAGS.items():
+  if _flag not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --{_flag}={_value}").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402

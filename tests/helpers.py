@@ -186,12 +186,3 @@ def tpu_devices(topology: str = "v5p:2x2x1") -> list:
   except Exception as e:  # noqa: BLE001 - libtpu absent or unable to describe the topology
     pytest.skip(f"needs libtpu to describe the TPU slice {topology} ({type(e).__name__}: {e})")
 
-
-# XLA's CPU backend spends most of a tiny model's test time in LLVM; its optimizations buy nothing at these sizes.
-COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
-
-
-def jit(fn, **kwargs):
-  """`jax.jit` with cheap compilation, for tests."""
-  import jax
-  return jax.jit(fn, compiler_options=COMPILER_OPTIONS, **kwargs)

@@ -22,13 +22,12 @@ def model():
 def main(port: str, process_id: str, out: str) -> None:
   import jax
   jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=int(process_id))
-  from helpers import COMPILER_OPTIONS
   from numina_jax.sampling import JaxSampler, SamplingParams
   from numina_jax.sharding import make_mesh
   assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
   cfg, params = model()
   sampler = JaxSampler(params, cfg, mesh=make_mesh(MESH), max_len=32, max_batch=4, prefill_chunk=16,
-                       min_kv_len=32, compiler_options=COMPILER_OPTIONS)
+                       min_kv_len=32)
   greedy = sampler.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS))
   # No seed: each host draws one per prompt, and they must agree on process 0's. One row ends early. (Same shapes
   # as above: nothing new to compile.)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from helpers import jit, tpu_devices
+from helpers import tpu_devices
 from numina_jax.model import attention as A
 from numina_jax.model.layers import rope_cos_sin
 from numina_jax.sharding import make_mesh
@@ -56,7 +56,7 @@ def _block_fn(impl, window, block):
   def f(p, x, cos, sin, seg, w):
     out = A.attention(p, x, cos, sin, seg, window=window, impl=impl, block=block)
     return jnp.sum(out.astype(jnp.float32) * w), out
-  return jit(jax.grad(f, argnums=(0, 1), has_aux=True))
+  return jax.jit(jax.grad(f, argnums=(0, 1), has_aux=True))
 
 
 def _block(impl, window, block, p, inputs):
@@ -88,7 +88,7 @@ def test_blockwise_bf16_matches_dense():
   # Same roundings in the same order: only the softmax sums are reduced differently.
   p = {k: v.astype(jnp.bfloat16) for k, v in _params().items()}
   inputs = _inputs(dtype=jnp.bfloat16)
-  fwd = jit(lambda p, x, cos, sin, seg, *, impl, window, block:
+  fwd = jax.jit(lambda p, x, cos, sin, seg, *, impl, window, block:
             A.attention(p, x, cos, sin, seg, window=window, impl=impl, block=block).astype(jnp.float32),
             static_argnames=("impl", "window", "block"))
   for window, block in [(7, 8), (None, 8)]:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import TINY_SEQ, hf_logits, jit, token_ids
+from helpers import TINY_SEQ, hf_logits, token_ids
 from numina_jax.model import REMAT_POLICIES, forward
 from numina_jax.model.moe import load_balancing_loss
 
@@ -27,7 +27,7 @@ def _default_pos_seg(ids, positions, segment_ids):
 
 @functools.lru_cache(maxsize=None)
 def _jit_forward(cfg, **kwargs):
-  return jit(lambda p, ids, pos, seg: forward(p, ids, cfg, positions_BT=pos, segment_ids_BT=seg, **kwargs))
+  return jax.jit(lambda p, ids, pos, seg: forward(p, ids, cfg, positions_BT=pos, segment_ids_BT=seg, **kwargs))
 
 
 def _fwd(cfg, params, ids, positions=None, segment_ids=None, **kwargs):
@@ -50,7 +50,7 @@ def _jit_loss_and_grad(cfg, policy):
   def loss(p, ids, pos, seg):
     logits = forward(p, ids, cfg, positions_BT=pos, segment_ids_BT=seg, remat_policy=policy)
     return _token_ce(logits, ids, seg > 0), logits
-  return jit(jax.value_and_grad(loss, has_aux=True))
+  return jax.jit(jax.value_and_grad(loss, has_aux=True))
 
 
 def _loss_and_grad(cfg, params, ids, positions=None, segment_ids=None, policy="none"):

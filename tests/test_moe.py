@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from helpers import jit, random_params, tpu_devices
+from helpers import random_params, tpu_devices
 from multihost import cpu_env, free_port
 from numina_jax.loss import loss_terms
 from numina_jax.model import forward, param_specs, tiny_config
@@ -54,7 +54,7 @@ def _value_and_grad(cfg, kernel, capacity_factor=0.0):
     out, _, dropped = moe.moe(p, x, top_k=cfg.num_experts_per_tok, limit=LIMIT, alpha=ALPHA, kernel=kernel,
                               capacity_factor=capacity_factor)
     return jnp.sum(out * cot), (out, dropped)
-  return jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))
+  return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))
 
 
 @functools.lru_cache(maxsize=None)
@@ -64,7 +64,7 @@ def _forward(cfg, kernel, capacity_factor=0.0):
     out, _, dropped = moe.moe(p, x, top_k=cfg.num_experts_per_tok, limit=LIMIT, alpha=ALPHA, kernel=kernel,
                               capacity_factor=capacity_factor)
     return out, dropped
-  return jit(f)
+  return jax.jit(f)
 
 
 @functools.lru_cache(maxsize=None)
@@ -75,7 +75,7 @@ def _dense_masked(cfg):
     _, idx, weights = moe.route(p, h, cfg.num_experts_per_tok)
     out = moe.moe_dense(p, h, idx, weights, LIMIT, ALPHA, keep_XK=keep_XK).reshape(x.shape)
     return jnp.sum(out * cot), out
-  return jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))
+  return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))
 
 
 def _forward_jaxpr(cfg, kernel, p, x) -> str:
@@ -241,7 +241,7 @@ def test_dropped_count_reaches_the_loss_metrics():
   ids = np.random.RandomState(14).randint(0, CFG.vocab_size, (B, T))
   batch = {"input_ids": ids, "targets": ids, "loss_mask": np.ones((B, T), np.float32),
            "segment_ids": np.ones((B, T), np.int32), "positions": np.broadcast_to(np.arange(T), (B, T))}
-  terms = jit(functools.partial(loss_terms, model_cfg=CFG, dtype=jnp.float32, remat_policy="none",
+  terms = jax.jit(functools.partial(loss_terms, model_cfg=CFG, dtype=jnp.float32, remat_policy="none",
                                 moe_kernel="tiled", moe_tile=0, loss_chunk=0, aux_coef=0.0, z_coef=0.0,
                                 moe_capacity_factor=1.0))
   _, metrics = terms(params, batch)
@@ -266,7 +266,7 @@ def test_router_logits_and_aux_loss_on_a_mesh():
     logits, router = forward(p, ids, CFG, return_router_logits=True)
     return moe.load_balancing_loss(router, valid, CFG.num_experts_per_tok), logits, router
 
-  fn = jit(aux)
+  fn = jax.jit(aux)
   ref, ref_logits, ref_router = fn(params, ids)
   mesh = make_mesh({"expert": 2, "fsdp": 2, "tensor": 2})
   shardings = {k: NamedSharding(mesh, logical_to_spec(s.logical_axes, mesh=mesh, shape=s.shape))

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import COMPILER_OPTIONS, jit
 from numina_jax.model import forward
 from numina_jax.sampling import JaxSampler, SamplingParams
 from numina_jax.sampling.jax_sampler import select_tokens
@@ -40,13 +39,12 @@ def model(tiny_hf):
 def sampler(model):
   """Shared by the tests so they reuse its compiled steps. Four slots: six rows wait for a slot in turn."""
   _, cfg, params = model
-  return JaxSampler(params, cfg, max_len=MAX_LEN, max_batch=4, prefill_chunk=16, min_kv_len=MAX_LEN,
-                    compiler_options=COMPILER_OPTIONS)
+  return JaxSampler(params, cfg, max_len=MAX_LEN, max_batch=4, prefill_chunk=16, min_kv_len=MAX_LEN)
 
 
 @functools.lru_cache(maxsize=None)
 def _forward(cfg):
-  return jit(lambda p, ids: forward(p, ids, cfg))
+  return jax.jit(lambda p, ids: forward(p, ids, cfg))
 
 
 def _full_logits(cfg, params, seqs):
@@ -62,7 +60,7 @@ def _full_logits(cfg, params, seqs):
 def test_cached_extend_equals_full_forward(model):
   _, cfg, params = model
   S, C = 48, 16  # positions used of the cache's 64 (full layers attend to the first 48 only), chunk size
-  step = jit(lambda p, c, t, n, r, rows, all_logits: extend(p, c, t, n, r, rows, cfg=cfg, dtype=jnp.float32,
+  step = jax.jit(lambda p, c, t, n, r, rows, all_logits: extend(p, c, t, n, r, rows, cfg=cfg, dtype=jnp.float32,
                                                               kv_len=S, all_logits=all_logits),
              static_argnames="all_logits")
   rng = np.random.RandomState(1)
@@ -205,7 +203,7 @@ def test_select_tokens_distribution():
   # exactly the nucleus.
   logits = jnp.asarray([[2.0, 1.0, 0.5, 0.0, -1.0]])
   R = 4000
-  fn = jit(select_tokens)
+  fn = jax.jit(select_tokens)
 
   def draw(temperature, top_p):
     tok, lp = fn(logits, jnp.zeros(R, jnp.int32), jnp.full(R, temperature), jnp.full(R, top_p),
@@ -261,8 +259,7 @@ def test_mesh_greedy_equals_one_device(tiny_hf, model, greedy_run):
   params = tiny_hf[2]  # host arrays: placed straight into their shardings
   prompts, want = greedy_run
   mesh = make_mesh(shape)
-  s = JaxSampler(params, cfg, mesh=mesh, max_len=MAX_LEN, max_batch=4, prefill_chunk=32, min_kv_len=MAX_LEN,
-                 compiler_options=COMPILER_OPTIONS)
+  s = JaxSampler(params, cfg, mesh=mesh, max_len=MAX_LEN, max_batch=4, prefill_chunk=32, min_kv_len=MAX_LEN)
   want_shardings = param_shardings(param_specs(cfg), mesh)
   assert all(s.params[k].sharding.spec == want_shardings[k].spec for k in params)
   assert s.params["layers/q_w"].sharding.spec[1:3] == ("fsdp", "tensor")
@@ -300,7 +297,7 @@ def test_two_hosts_agree(tmp_path):
   cfg, params = worker.model()
   seqs = [p + t for p, t in zip(worker.PROMPTS, a["greedy"])]
   ids = jnp.asarray([s + [0] * (max(map(len, seqs)) - len(s)) for s in seqs])
-  logits = np.asarray(jit(lambda p, x: forward(p, x, cfg))(params, ids))
+  logits = np.asarray(jax.jit(lambda p, x: forward(p, x, cfg))(params, ids))
   for prompt, seq, lg in zip(worker.PROMPTS, seqs, logits):
     assert seq[len(prompt):] == np.argmax(lg[len(prompt) - 1:len(seq) - 1], -1).tolist()
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
 
-from helpers import jit, random_params, require_shared, tpu_devices
+from helpers import random_params, require_shared, tpu_devices
 from numina_jax.model import GptOssConfig, forward, param_specs, tiny_config
 from numina_jax.sharding import MESH_AXES, logical_to_spec, make_mesh, param_shardings
 
@@ -40,8 +40,8 @@ def _loss(p, ids):
   return -jnp.mean(jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)), logits
 
 
-_fwd = jit(lambda p, ids: forward(p, ids, CFG))
-_grad = jit(jax.value_and_grad(_loss, has_aux=True))
+_fwd = jax.jit(lambda p, ids: forward(p, ids, CFG))
+_grad = jax.jit(jax.value_and_grad(_loss, has_aux=True))
 
 
 @pytest.fixture(scope="module")
