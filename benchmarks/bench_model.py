@@ -253,12 +253,13 @@ def median(xs):
   return sorted(xs)[len(xs) // 2]
 
 
-def spawn(side: str, argv: list[str], threads: int) -> dict:
+def spawn(side: str, argv: list[str], threads: int, script: str = __file__) -> dict:
+  """Runs `script argv --only side` in a fresh process on one CPU device and `threads` threads; its RESULT line."""
   env = dict(os.environ)
   env.setdefault("JAX_PLATFORMS", "cpu")
   env["OMP_NUM_THREADS"] = str(threads)
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=1").strip()
-  out = subprocess.run([sys.executable, __file__, *argv, "--only", side], env=env, capture_output=True, text=True)
+  out = subprocess.run([sys.executable, script, *argv, "--only", side], env=env, capture_output=True, text=True)
   lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
   if out.returncode or not lines:
     sys.stderr.write(out.stderr[-4000:])

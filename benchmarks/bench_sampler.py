@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_model import BENCH, load_reference, make_params, peak_rss_mib, pin_threads  # noqa: E402
+from bench_model import BENCH, load_reference, make_params, peak_rss_mib, pin_threads, spawn  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -88,19 +87,6 @@ def child(args):
                                 "peak_rss_mib": peak_rss_mib()}))
 
 
-def spawn(side: str, argv: list[str], threads: int) -> dict:
-  env = dict(os.environ)
-  env.setdefault("JAX_PLATFORMS", "cpu")
-  env["OMP_NUM_THREADS"] = str(threads)
-  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=1").strip()
-  out = subprocess.run([sys.executable, __file__, *argv, "--only", side], env=env, capture_output=True, text=True)
-  lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-  if out.returncode or not lines:
-    sys.stderr.write(out.stderr[-4000:])
-    raise SystemExit(f"{side} run failed (exit {out.returncode})")
-  return json.loads(lines[-1][len("RESULT "):])
-
-
 def main(argv=None):
   argv = sys.argv[1:] if argv is None else argv
   args = parse_args(argv)
@@ -108,7 +94,7 @@ def main(argv=None):
     return child(args)
   print(f"bench config: {BENCH}; {args.batch} prompts x {args.prompt} tokens, {args.new} new tokens each, greedy, "
         f"fp32, {args.threads} threads; ours: kernel={args.kernel}")
-  results = {side: spawn(side, argv, args.threads) for side in ("ours", "reference")}
+  results = {side: spawn(side, argv, args.threads, script=__file__) for side in ("ours", "reference")}
   rates = {}
   for side, r in results.items():
     decode_s = r["total_s"] - r["prefill_s"]

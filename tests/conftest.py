@@ -22,7 +22,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402
 
-from helpers import tiny_hf_model  # noqa: E402
+from helpers import require_shared, tiny_hf_model  # noqa: E402
+from numina_jax.data import demo_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -65,3 +66,35 @@ def gcs_bucket(gcs_server, monkeypatch):
   monkeypatch.setattr(socket.socket, "connect", connect)
   monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
   return f"gs://{gcs_server.create_bucket()}"
+
+
+@pytest.fixture(scope="session")
+def tok():
+  """The project's small demo tokenizer."""
+  return demo_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+  """A token cache folder shared by one test module's pipelines."""
+  return str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="session")
+def oh():
+  """openai-harmony, reading the o200k vocabulary from the shared folder (no download)."""
+  os.environ["TIKTOKEN_ENCODINGS_BASE"] = str(require_shared("tokenizers/tiktoken/o200k_base.tiktoken").parent)
+  import openai_harmony
+  return openai_harmony
+
+
+@pytest.fixture(scope="session")
+def enc(oh):
+  return oh.load_harmony_encoding(oh.HarmonyEncodingName.HARMONY_GPT_OSS)
+
+
+@pytest.fixture(scope="session")
+def harmony_tok():
+  """The released gpt-oss tokenizer (o200k_harmony) from the shared folder."""
+  from transformers import AutoTokenizer
+  return AutoTokenizer.from_pretrained(str(require_shared("hf/gpt-oss-20b/tokenizer.json").parent))

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from numina_jax.data import BadRowError, default_data_config, demo_tokenizer, format_example, make_pipeline
+from numina_jax.data import BadRowError, default_data_config, format_example, make_pipeline
 
 GOOD = {"problem": "Compute $1 + 1$.", "solution": "$1 + 1 = 2$, so $\\boxed{2}$."}
 
@@ -61,11 +61,6 @@ CASES = [
     ({"tools": [{"type": "function", "function": {"name": "g"}}], **_tool_row(_call(
         function={"name": "f", "arguments": "{}"}))}, "messages[1].tool_calls[0]", "undeclared_function"),
 ]
-
-
-@pytest.fixture(scope="module")
-def tok():
-  return demo_tokenizer()
 
 
 @pytest.mark.parametrize("row,field,reason", CASES)

@@ -13,7 +13,7 @@ import threading
 import numpy as np
 import pytest
 
-from numina_jax.data import BATCH_KEYS, BadRowError, default_data_config, demo_tokenizer, make_pipeline
+from numina_jax.data import BATCH_KEYS, BadRowError, default_data_config, make_pipeline
 from numina_jax.data.tokenized import row_shards
 from multihost import cpu_env, free_port
 
@@ -81,16 +81,6 @@ def assert_same(a, b):
   for x, y in zip(a, b):
     for k in BATCH_KEYS:
       np.testing.assert_array_equal(x[k], y[k], err_msg=k)
-
-
-@pytest.fixture(scope="module")
-def tok():
-  return demo_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("cache"))
 
 
 def _cfg(cache, **kw):

@@ -9,21 +9,11 @@ import threading
 import numpy as np
 import pytest
 
-from numina_jax.data import (BATCH_KEYS, default_data_config, demo_tokenizer, format_example, harmony, make_pipeline,
+from numina_jax.data import (BATCH_KEYS, default_data_config, format_example, harmony, make_pipeline,
                              tokenized, validate_data_config)
 from numina_jax.data.sources import SourceSpec, open_source
 
 SEQ = 512
-
-
-@pytest.fixture(scope="module")
-def tok():
-  return demo_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("cache"))
 
 
 def _cfg(cache, **kw):

@@ -1,11 +1,9 @@
 """The SC-TIR harmony codec held against openai-harmony 0.0.8 on real gpt-oss token ids: completions parsed into the
 same messages, prompts and tool replies rendered to the same tokens."""
 
-import os
 import random
 
 import pytest
-from helpers import require_shared
 
 from numina_jax.data.harmony import PYTHON_TOOL_DESCRIPTION, RenderOptions
 from numina_jax.eval.completion import CompletionCodec, ParsedMessage, parse_header
@@ -14,30 +12,12 @@ TEMPLATE = "Solve: {problem}\nPut the answer in \\boxed{}."
 
 
 @pytest.fixture(scope="module")
-def oh():
-  os.environ["TIKTOKEN_ENCODINGS_BASE"] = str(require_shared("tokenizers/tiktoken/o200k_base.tiktoken").parent)
-  import openai_harmony
-  return openai_harmony
+def codec(harmony_tok):
+  return CompletionCodec(harmony_tok)
 
 
-@pytest.fixture(scope="module")
-def enc(oh):
-  return oh.load_harmony_encoding(oh.HarmonyEncodingName.HARMONY_GPT_OSS)
-
-
-@pytest.fixture(scope="module")
-def tok():
-  from transformers import AutoTokenizer
-  return AutoTokenizer.from_pretrained(str(require_shared("hf/gpt-oss-20b/tokenizer.json").parent))
-
-
-@pytest.fixture(scope="module")
-def codec(tok):
-  return CompletionCodec(tok)
-
-
-def _ids(tok, text):
-  return tok.encode(text, add_special_tokens=False)
+def _ids(harmony_tok, text):
+  return harmony_tok.encode(text, add_special_tokens=False)
 
 
 def _reference(enc, oh, ids):
@@ -74,17 +54,17 @@ COMPLETIONS = [
 
 
 @pytest.mark.parametrize("text, terminators", COMPLETIONS)
-def test_parse_equals_openai_harmony(tok, enc, oh, codec, text, terminators):
-  ids = _ids(tok, text)
+def test_parse_equals_openai_harmony(harmony_tok, enc, oh, codec, text, terminators):
+  ids = _ids(harmony_tok, text)
   parsed = codec.parse(ids)
   assert parsed.error is None
   assert _ours(parsed) == _reference(enc, oh, ids)
   assert [m.terminator for m in parsed.messages] == terminators
 
 
-def test_parse_fields_by_hand(tok, codec):
+def test_parse_fields_by_hand(harmony_tok, codec):
   text = COMPLETIONS[0][0]
-  think, call = codec.parse(_ids(tok, text)).messages
+  think, call = codec.parse(_ids(harmony_tok, text)).messages
   assert think == ParsedMessage("assistant", "Compute 3^20.", "analysis", None, None, "<|end|>")
   assert call == ParsedMessage("assistant", "print(3**20)", "analysis", "python", "code", "<|call|>")
   assert codec.stop_token_ids == (200002, 200012)
@@ -98,15 +78,15 @@ def test_parse_fields_by_hand(tok, codec):
     ("", "ended inside a message header"),
     ("<|channel|><|message|>x<|end|>", "no channel name"),
 ])
-def test_malformed_where_harmony_refuses(tok, enc, oh, codec, text, why):
-  ids = _ids(tok, text)
+def test_malformed_where_harmony_refuses(harmony_tok, enc, oh, codec, text, why):
+  ids = _ids(harmony_tok, text)
   with pytest.raises(Exception):
     enc.parse_messages_from_completion_tokens(ids, oh.Role.ASSISTANT)
   parsed = codec.parse(ids)
   assert parsed.error is not None and why in parsed.error
 
 
-def test_parse_agrees_with_harmony_on_random_token_soup(tok, enc, oh, codec):
+def test_parse_agrees_with_harmony_on_random_token_soup(harmony_tok, enc, oh, codec):
   """Random sequences of harmony's pieces: where harmony parses, the messages are equal; where it refuses, ours
   reports an error. One difference by design: a terminator inside a header is an error here, while harmony keeps
   it as header text (its strict mode)."""
@@ -117,7 +97,7 @@ def test_parse_agrees_with_harmony_on_random_token_soup(tok, enc, oh, codec):
   agree = refused = 0
   terminators = {200002, 200007, 200012}
   for _ in range(600):
-    ids = _ids(tok, "".join(rng.choice(pieces) for _ in range(rng.randint(1, 12))))
+    ids = _ids(harmony_tok, "".join(rng.choice(pieces) for _ in range(rng.randint(1, 12))))
     parsed = codec.parse(ids)
     try:
       reference = _reference(enc, oh, ids)
@@ -150,7 +130,7 @@ def _system(oh, effort, description=None):
 
 
 @pytest.mark.parametrize("effort, description", [("medium", None), ("high", "Our sandbox.\nNo network; 5 s.")])
-def test_prompt_equals_harmony_render(tok, enc, oh, codec, effort, description):
+def test_prompt_equals_harmony_render(harmony_tok, enc, oh, codec, effort, description):
   problem = "Find $x$ if $x^2 = 49$ and $x > 0$."
   conv = oh.Conversation.from_messages([
       oh.Message.from_role_and_content(oh.Role.SYSTEM, _system(oh, getattr(oh.ReasoningEffort, effort.upper()),
@@ -160,14 +140,14 @@ def test_prompt_equals_harmony_render(tok, enc, oh, codec, effort, description):
   opts = RenderOptions(reasoning_effort=effort, python_tool_description=description or "")
   assert codec.prompt(problem, user_template=TEMPLATE, opts=opts) == reference
   if description is None:
-    assert PYTHON_TOOL_DESCRIPTION in tok.decode(reference)
+    assert PYTHON_TOOL_DESCRIPTION in harmony_tok.decode(reference)
 
 
-def test_tool_reply_equals_harmony_render(tok, enc, oh, codec):
+def test_tool_reply_equals_harmony_render(harmony_tok, enc, oh, codec):
   output = "Traceback (most recent call last):\n  File \"<cell>\", line 1\nZeroDivisionError: division by zero"
   message = oh.Message.from_author_and_content(oh.Author.new(oh.Role.TOOL, "python"), output).with_channel(
       "analysis").with_recipient("assistant")
   reference = enc.render_conversation_for_completion(oh.Conversation.from_messages([message]), oh.Role.ASSISTANT)
   assert codec.tool_reply("python", output, "analysis") == reference
-  text = tok.decode(reference)
+  text = harmony_tok.decode(reference)
   assert text == f"<|start|>python to=assistant<|channel|>analysis<|message|>{output}<|end|><|start|>assistant"

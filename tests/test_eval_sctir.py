@@ -5,7 +5,6 @@ import hashlib
 
 import pytest
 
-from numina_jax.data import demo_tokenizer
 from numina_jax.eval.datasets import EvalProblem
 from numina_jax.eval.grading import Grader
 from numina_jax.eval.sctir import (SCTIR, SCTIRConfig, run_sctir, sandbox_description, score, trace_seed)
@@ -29,11 +28,6 @@ def think(text):
 
 def reply(output, channel="analysis"):
   return f"<|start|>python to=assistant<|channel|>{channel}<|message|>{output}<|end|><|start|>assistant"
-
-
-@pytest.fixture(scope="module")
-def tok():
-  return demo_tokenizer()
 
 
 def run(tok, script, problems=(("p", 42),), **overrides):

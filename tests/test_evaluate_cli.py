@@ -5,7 +5,6 @@ import json
 import pytest
 
 from numina_jax import evaluate
-from numina_jax.data import demo_tokenizer
 from scripted_sampler import ScriptedSampler
 
 URL = "https://artofproblemsolving.com/wiki/index.php/2024_AIME_I_Problems/Problem_{}"
@@ -33,11 +32,6 @@ SCRIPT = {
     (IDS[2], 1, 1): "<|channel|>analysis<|message|>print(1)<|call|>",
     (IDS[2], 2, 1): "<|channel|>analysis<|message|>" + "think " * 400,
 }
-
-
-@pytest.fixture(scope="module")
-def tok():
-  return demo_tokenizer()
 
 
 @pytest.fixture
