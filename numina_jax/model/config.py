@@ -84,10 +84,6 @@ class GptOssConfig:
   def num_layer_pairs(self) -> int:
     return self.num_hidden_layers // 2
 
-  @property
-  def q_per_kv(self) -> int:
-    return self.num_attention_heads // self.num_key_value_heads
-
   # Hugging Face interop -----------------------------------------------------------------------
   @classmethod
   def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> "GptOssConfig":
